@@ -1,0 +1,272 @@
+"""Every setting of the job, declared once.
+
+`Settings` is the single source of truth: the click flags, the environment variables, `--help`,
+the README table and the validation messages are all generated from its fields.
+Resolution order: defaults < YAML file (CONFIG_FILE) < environment < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from job.errors import ConfigError
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATASET = "builtin:tasks"
+PRESETS = Path(__file__).parent / "presets"
+PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+
+
+def setting(default, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training",
+            env: str | None = None, identity: bool = True):
+    """A dataclass field with what the CLI, env and README need.
+
+    identity=False marks settings that may change between a run and its resume (intervals,
+    logging, publishing) without making it a different run.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group,
+                                             "env": env, "identity": identity})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- what to train on
+    preset: str = setting("auto", "Named settings bundle (job/presets/*.yaml) applied under the YAML file, env "
+                          "and flags; auto picks tiny-cpu for the built-in model, else none.",
+                          choices=("auto", "none", *PRESET_NAMES), group="inputs", identity=False)
+    base_model: str = setting(BUILTIN_MODEL, "Hub id or local directory of the base model; the default is a tiny "
+                              "Llama the job builds itself (no download).", group="inputs")
+    dataset: str = setting(BUILTIN_DATASET, "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or "
+                           "directory of them; the default is a small bundled task set.", group="inputs")
+    dataset_config: str | None = setting(None, "Hub dataset configuration name.", group="inputs")
+    dataset_split: str = setting("train", "Split to train on.", group="inputs")
+    eval_split: str | None = setting(None, "Split to evaluate on; unset cuts EVAL_FRACTION off the training split.",
+                                     group="inputs")
+    data_format: str = setting("auto", "How rows become conversations; auto detects it from the columns.",
+                               choices=("auto", "messages", "instruction", "prompt_completion", "text", "template"),
+                               group="inputs")
+    prompt_template: str | None = setting(None, "With DATA_FORMAT=template: the user turn, naming columns in braces, "
+                                          "e.g. '다음 글을 요약해주세요: {document}'.", group="inputs")
+    response_column: str | None = setting(None, "With DATA_FORMAT=template: the column holding the answer.",
+                                          group="inputs")
+    system_prompt: str | None = setting(None, "System message put before every conversation.", group="inputs")
+    prompt_format: str = setting("auto", "Chat rendering: the tokenizer's own template, or a named one for base "
+                                 "models without one; auto picks the tokenizer's, else the model family's.",
+                                 choices=("auto", "tokenizer", "mistral", "llama-3", "chatml"), group="inputs")
+    skip_bad_rows: bool = setting(False, "Skip malformed rows (and report how many) instead of stopping.",
+                                  group="inputs")
+    output_dir: str = setting("output", "Where everything is written (mounted storage on a cluster).",
+                              group="inputs", identity=False)
+    trust_remote_code: bool = setting(False, "Run code shipped with a hub model or dataset.", group="inputs")
+
+    # --- model and adapter
+    quantization: str = setting("nf4", "Base weights while training: 4-bit NF4 with double quantization and "
+                                "bf16 compute (QLoRA), 8-bit, or none (LoRA on a 16-bit base).",
+                                choices=("nf4", "int8", "none"), group="model")
+    lora_r: int = setting(16, "LoRA rank.", group="model")
+    lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r).", group="model")
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA input.", group="model")
+    lora_target_modules: str = setting("all-linear", "Comma-separated module names to adapt, or all-linear.",
+                                       group="model")
+    use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA).", group="model")
+
+    # --- optimisation
+    learning_rate: float = setting(2e-4, "Peak learning rate.")
+    lr_scheduler: str = setting("cosine", "Learning-rate schedule after warm-up.",
+                                choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    warmup_ratio: float = setting(0.03, "Share of the steps spent warming up.")
+    epochs: float = setting(1.0, "Passes over the training data (ignored when MAX_STEPS is set).")
+    max_steps: int = setting(-1, "Optimizer steps to run; -1 means use EPOCHS.")
+    micro_batch_size: int = setting(4, "Sequences (packed rows when PACKING) per device per step.")
+    grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step.")
+    max_length: int = setting(2048, "Longest sequence in tokens; longer rows are truncated and counted.")
+    packing: bool = setting(True, "Pack rows into MAX_LENGTH sequences without padding; each row still "
+                            "attends only to itself.")
+    gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.")
+    seed: int = setting(42, "Seed for data order, splits and initialisation.")
+
+    # --- evaluation, checkpoints, logs
+    eval_fraction: float = setting(0.05, "Share of rows held out when there is no EVAL_SPLIT.")
+    max_eval_samples: int = setting(200, "Cap on evaluation rows, so evaluation stays cheap.")
+    eval_steps: int = setting(50, "Evaluate every N optimizer steps.", group="monitoring", identity=False)
+    save_steps: int = setting(50, "Checkpoint every N optimizer steps.", group="monitoring", identity=False)
+    logging_steps: int = setting(10, "Log training loss every N optimizer steps.", group="monitoring",
+                                 identity=False)
+    save_total_limit: int = setting(2, "Complete checkpoints kept (the newest is never deleted).",
+                                    group="monitoring", identity=False)
+    sample_prompts: int = setting(3, "Evaluation prompts generated from before and after training.",
+                                  group="monitoring", identity=False)
+    max_new_tokens: int = setting(64, "Token limit for those sample generations.", group="monitoring",
+                                  identity=False)
+    report_to: str = setting("tensorboard", "Trackers for metrics, comma-separated (tensorboard, wandb, mlflow, "
+                             "none).", group="monitoring", identity=False)
+
+    # --- publishing
+    hub_model_id: str | None = setting(None, "Hub repo to push to (user/name); unset means no push.",
+                                       group="publish", identity=False)
+    hub_private: bool = setting(True, "Create the hub repo as private.", group="publish", identity=False)
+
+    def identity(self) -> dict:
+        """The settings that define what is trained: a resume must match them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
+    @property
+    def output(self) -> Path:
+        return Path(self.output_dir)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(f: dataclasses.Field) -> str:
+    return f.metadata["env"] or f.name.upper()
+
+
+def value_type(f: dataclasses.Field) -> type:
+    """The non-None type of a field (`str | None` -> str)."""
+    hint = typing.get_type_hints(Settings)[f.name]
+    if isinstance(hint, types.UnionType):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def parse_value(f: dataclasses.Field, raw, source: str):
+    """Convert a raw value (string from env/flags, or a YAML scalar) to the field's type."""
+    name = env_name(f)
+    optional = f.default is None
+    if raw is None or (isinstance(raw, str) and optional and raw.strip().lower() in {"", "none", "null"}):
+        if optional:
+            return None
+        raise ConfigError(f"{name} ({source}): a value is required")
+    kind = value_type(f)
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(text)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(text)
+    except ValueError:
+        wanted = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{name} ({source}): expected {wanted}, got {raw!r}") from None
+    return text if kind is str else raw
+
+
+def load(flags: dict | None = None, environ: dict | None = None, config_file: str | None = None) -> Settings:
+    """Resolve settings from defaults, YAML, environment and flags; then validate them all at once."""
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    config_file = config_file or environ.get("CONFIG_FILE")
+    if config_file:
+        values.update(_read_yaml(Path(config_file), "CONFIG_FILE"))
+    for f in FIELDS.values():
+        if env_name(f) in environ:
+            values[f.name] = parse_value(f, environ[env_name(f)], "environment")
+    for name, raw in (flags or {}).items():
+        if raw is not None:
+            values[name] = parse_value(FIELDS[name], raw, "flag --" + name.replace("_", "-"))
+    preset = values.get("preset", "auto")
+    if preset == "auto":
+        preset = "tiny-cpu" if values.get("base_model", BUILTIN_MODEL) == BUILTIN_MODEL else "none"
+    if preset in PRESET_NAMES:
+        values = {**_read_yaml(PRESETS / f"{preset}.yaml", "PRESET"), **values}
+    settings = Settings(**{**values, "preset": preset})
+    problems = validate(settings)
+    if problems:
+        raise ConfigError("invalid settings:\n  - " + "\n  - ".join(problems))
+    return settings
+
+
+def _read_yaml(path: Path, source: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{source} {path}: cannot read it: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} {path}: expected a mapping of settings, got {type(data).__name__}")
+    by_key = {**{f.name: f for f in FIELDS.values()}, **{env_name(f): f for f in FIELDS.values()}}
+    unknown = sorted(str(k) for k in data if k not in by_key)
+    if unknown:
+        raise ConfigError(f"{source} {path}: unknown settings {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(env_name(f) for f in FIELDS.values()))}")
+    return {by_key[k].name: parse_value(by_key[k], v, f"{source} {path}") for k, v in data.items()}
+
+
+def validate(s: Settings) -> list[str]:
+    """Every problem with the settings, each naming the variable, the value and what is allowed."""
+    problems = []
+    for f in FIELDS.values():
+        choices, value = f.metadata["choices"], getattr(s, f.name)
+        if choices and value not in choices:
+            problems.append(f"{env_name(f)}={value!r} is not one of: {', '.join(choices)}")
+
+    def need(ok: bool, name: str, rule: str):
+        if not ok:
+            problems.append(f"{env_name(FIELDS[name])}={getattr(s, name)!r}: {rule}")
+
+    need(s.lora_r >= 1, "lora_r", "must be a positive integer (e.g. 16)")
+    need(s.lora_alpha >= 1, "lora_alpha", "must be a positive integer (e.g. 2 x LORA_R)")
+    need(0 <= s.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(bool(re.fullmatch(r"all-linear|[\w.\-]+(,[\w.\-]+)*", s.lora_target_modules)), "lora_target_modules",
+         "must be all-linear or comma-separated module names such as q_proj,v_proj")
+    need(0 < s.learning_rate < 1, "learning_rate", "must be in (0, 1), e.g. 2e-4")
+    need(0 <= s.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+    need(s.epochs > 0, "epochs", "must be positive")
+    need(s.max_steps == -1 or s.max_steps > 0, "max_steps", "must be -1 (use EPOCHS) or a positive integer")
+    need(s.micro_batch_size >= 1, "micro_batch_size", "must be at least 1")
+    need(s.grad_accum >= 1, "grad_accum", "must be at least 1")
+    need(s.max_length >= 16, "max_length", "must be at least 16 tokens")
+    need(0 <= s.eval_fraction < 0.5, "eval_fraction", "must be in [0, 0.5)")
+    need(s.max_eval_samples >= 1, "max_eval_samples", "must be at least 1")
+    for name in ("eval_steps", "save_steps", "logging_steps", "save_total_limit"):
+        need(getattr(s, name) >= 1, name, "must be at least 1")
+    need(s.sample_prompts >= 0, "sample_prompts", "must be 0 or more")
+    need(s.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+    if s.data_format == "template":
+        need(bool(s.prompt_template and re.search(r"\{\w+\}", s.prompt_template)), "prompt_template",
+             "DATA_FORMAT=template needs PROMPT_TEMPLATE naming at least one {column}")
+        need(bool(s.response_column), "response_column", "DATA_FORMAT=template needs RESPONSE_COLUMN")
+    elif s.prompt_template or s.response_column:
+        problems.append("PROMPT_TEMPLATE and RESPONSE_COLUMN only apply with DATA_FORMAT=template "
+                        f"(DATA_FORMAT={s.data_format!r})")
+    need(s.hub_model_id is None or bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s.hub_model_id)), "hub_model_id",
+         "must look like user/name")
+    trackers = {t.strip() for t in s.report_to.split(",")}
+    need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
+         "must be a comma-separated subset of tensorboard, wandb, mlflow, none")
+    return problems
+
+
+def to_json(s: Settings) -> str:
+    return json.dumps(dataclasses.asdict(s), indent=2, ensure_ascii=False, sort_keys=True)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated so it cannot drift from the dataclass."""
+    rows = ["| Variable | Default | Allowed | Meaning |", "| --- | --- | --- | --- |"]
+    for f in FIELDS.values():
+        default = "(unset)" if f.default is None else f"`{f.default}`"
+        allowed = ", ".join(f.metadata["choices"] or ()) or value_type(f).__name__
+        rows.append(f"| `{env_name(f)}` | {default} | {allowed} | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,82 @@
+"""The evaluation stage: eval loss and perplexity of the base and of base + adapter, and the prompt test.
+
+"Before" is the same quantized base with the adapter switched off, so both numbers come from one
+load of the model and the same evaluation rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+
+import torch
+
+from job import checkpoint, data, model
+from job.checkpoint import Layout
+from job.config import Settings
+
+log = logging.getLogger("job.evaluate")
+
+
+def evaluate(s: Settings) -> dict:
+    from accelerate import PartialState
+    from peft import PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    layout = Layout(s.output)
+    done = checkpoint.read_json(layout.metrics / "evaluate.json")
+    if done is not None:
+        return done
+    path = model.resolve(s.base_model)
+    tokenizer = model.load_tokenizer(s, str(layout.adapter))  # carries the chat template used in training
+    base = model.load_model(s, path, device_map="auto" if torch.cuda.is_available() else None)
+    prepared = data.load(s, tokenizer, base.config.model_type, layout.cache, PartialState())
+    tuned = PeftModel.from_pretrained(base, str(layout.adapter))
+    tuned.eval()
+
+    result = {"eval_loss_before": None, "eval_loss_after": None}
+    if prepared.eval is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            args = SFTConfig(output_dir=scratch, per_device_eval_batch_size=s.micro_batch_size,
+                             max_length=s.max_length, packing=s.packing, padding_free=s.packing,
+                             bf16=model.compute_dtype() == torch.bfloat16, report_to="none",
+                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+            # SFTTrainer insists on a train_dataset; it is never trained on here
+            trainer = SFTTrainer(model=tuned, args=args, train_dataset=prepared.eval, eval_dataset=prepared.eval,
+                                 processing_class=tokenizer)
+            result["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+            with tuned.disable_adapter():
+                result["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    for when in ("before", "after"):
+        loss = result[f"eval_loss_{when}"]
+        result[f"perplexity_{when}"] = math.exp(min(loss, 50)) if loss is not None else None
+
+    eos_ids = sorted({tokenizer.eos_token_id, prepared.end_of_turn_id})
+    samples = []
+    for sample in prepared.samples:
+        prompt = tokenizer.apply_chat_template(sample["messages"], add_generation_prompt=True, tokenize=False)
+        entry = {"prompt": prompt, "reference": sample["reference"]}
+        with tuned.disable_adapter():
+            entry["before"] = generate(tuned, tokenizer, prompt, eos_ids, s.max_new_tokens)
+        entry["after"] = generate(tuned, tokenizer, prompt, eos_ids, s.max_new_tokens)
+        samples.append(entry)
+        log.info("prompt test\n  prompt:    %r\n  reference: %r\n  before:    %r\n  after:     %r",
+                 prompt, entry["reference"], entry["before"], entry["after"])
+    result["samples"] = samples
+    log.info("eval loss %s -> %s, perplexity %s -> %s", _fmt(result["eval_loss_before"]),
+             _fmt(result["eval_loss_after"]), _fmt(result["perplexity_before"]), _fmt(result["perplexity_after"]))
+    checkpoint.write_json(layout.metrics / "evaluate.json", result)
+    return result
+
+
+@torch.no_grad()
+def generate(lm, tokenizer, prompt: str, eos_ids: list[int], max_new_tokens: int) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(lm.device)
+    output = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

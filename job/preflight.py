@@ -1,0 +1,106 @@
+"""Everything that can be checked before a GPU hour is spent, and the plan that results.
+
+Checks the settings, OUTPUT_DIR, the model and tokenizer, the target modules (on an empty
+"meta" copy of the model, no weights loaded), the data (fully tokenized, cached for training),
+the loss mask on one rendered sample, and the Hub token when a push is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+
+import torch
+
+from job import checkpoint, data, model, publish
+from job.checkpoint import Layout
+from job.config import Settings
+from job.errors import ConfigError
+
+QUANTIZED_BYTES = {"nf4": 0.56, "int8": 1.06, "none": 2.0}  # per parameter, with quantization constants
+
+
+def check_output_dir(layout: Layout) -> None:
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        probe = layout.root / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"OUTPUT_DIR={layout.root}: not writable ({error.strerror})") from None
+
+
+def preflight(s: Settings, world_size: int = 1) -> dict:
+    from accelerate import PartialState, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    layout = Layout(s.output)
+    check_output_dir(layout)
+    if s.hub_model_id and not publish.token():
+        raise ConfigError(f"HUB_MODEL_ID={s.hub_model_id} asks for a push but no token was found: set HF_TOKEN "
+                          "or HF_TOKEN_FILE (a mounted secret)")
+    path = model.resolve(s.base_model)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}") from None
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
+    model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
+    tokenizer = model.load_tokenizer(s, path)
+    prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
+    checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
+
+    first = prepared.train[0]
+    shown = "".join(
+        f"[{tokenizer.decode(ids)}]" if trained else tokenizer.decode(ids)
+        for ids, trained in _runs(first["input_ids"], first["labels"]))
+    tokens_per_step = s.max_length * s.micro_batch_size * s.grad_accum * world_size
+    steps_per_epoch = max(1, math.ceil(prepared.stats["train_tokens"] / (tokens_per_step * 0.95)) if s.packing
+                          else math.ceil(prepared.stats["train_rows"] / (s.micro_batch_size * s.grad_accum
+                                                                          * world_size)))
+    return {
+        "base_model": s.base_model,
+        "model_type": config.model_type,
+        "parameters": sum(p.numel() for p in skeleton.parameters()),
+        "dataset": s.dataset,
+        "data": prepared.stats,
+        "sample_rendered": shown,
+        "sample_legend": "text in [brackets] is trained on (the answer and its end-of-turn token)",
+        "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
+        "planned_steps": s.max_steps if s.max_steps > 0 else math.ceil(steps_per_epoch * s.epochs),
+        "estimated_gpu_gib": round(estimate_gpu_gib(s, skeleton, config), 1),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "push": s.hub_model_id,
+        "output_dir": str(layout.root.resolve()),
+        "resume_from": str(checkpoint.latest_checkpoint(layout.checkpoints) or "") or None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _runs(input_ids, labels):
+    """Consecutive tokens grouped by whether they are trained on."""
+    run, trained = [], None
+    for token, label in zip(input_ids, labels):
+        is_trained = label != -100
+        if run and is_trained != trained:
+            yield run, trained
+            run = []
+        run.append(token)
+        trained = is_trained
+    if run:
+        yield run, trained
+
+
+def estimate_gpu_gib(s: Settings, skeleton, config) -> float:
+    """Rough peak: frozen weights + LoRA with Adam state + activations of one micro-batch."""
+    embeddings = sum(p.numel() for n, p in skeleton.named_parameters() if "embed" in n or "lm_head" in n)
+    body = sum(p.numel() for p in skeleton.parameters()) - embeddings
+    weights = body * QUANTIZED_BYTES[s.quantization] + embeddings * 2
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    lora = layers * 7 * s.lora_r * 2 * hidden * 16  # fp32 weights, grads, two Adam moments
+    tokens = s.max_length * s.micro_batch_size
+    per_layer = 2 * hidden * (2 if s.gradient_checkpointing else 34)
+    activations = tokens * layers * per_layer + tokens * config.vocab_size * 4
+    return (weights + lora + activations) / 2**30 + 0.5

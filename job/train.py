@@ -1,0 +1,235 @@
+"""The training stage: settings -> data -> 4-bit base + LoRA -> SFTTrainer -> adapter in OUTPUT_DIR.
+
+Runs unchanged as one process or under `accelerate launch` / torchrun on every rank:
+    python -m job train                       # one process
+    accelerate launch -m job train            # every GPU of every node (`job run` does this for you)
+Rerunning resumes from the newest complete checkpoint; a finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from job import checkpoint, data, model
+from job.checkpoint import Layout
+from job.config import Settings
+from job.errors import Preempted, TrainingFailed
+
+log = logging.getLogger("job.train")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Kubernetes eviction / spot reclaim, Slurm's --signal
+
+
+def train(s: Settings) -> dict:
+    from accelerate import PartialState
+
+    state = PartialState()
+    layout = Layout(s.output)
+    if checkpoint.is_complete(layout.adapter):
+        log.info("training already finished: %s", layout.adapter)
+        return checkpoint.read_json(layout.metrics / "train.json") or {}
+    guard = GuardCallback()  # trap signals first: a preemption while loading still checkpoints after one step
+
+    path = model.resolve(s.base_model)
+    tokenizer = model.load_tokenizer(s, path)
+    base = model.load_model(s, path, device_map=_device_map(state))
+    prepared = data.load(s, tokenizer, base.config.model_type, layout.cache, state)
+    if state.is_main_process:
+        checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
+        shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
+        layout.checkpoints.mkdir(parents=True, exist_ok=True)
+        checkpoint.rotate(layout.checkpoints, s.save_total_limit)
+    state.wait_for_everyone()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(layout.tensorboard))
+
+    has_eval = prepared.eval is not None
+    args = SFTConfig(
+        output_dir=str(layout.checkpoints),
+        per_device_train_batch_size=s.micro_batch_size,
+        per_device_eval_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        max_length=s.max_length,
+        packing=s.packing,
+        padding_free=s.packing,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        bf16=model.compute_dtype() == torch.bfloat16,
+        fp16=model.compute_dtype() == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=s.eval_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=None,  # retention is ours: it must skip incomplete checkpoints
+        logging_steps=s.logging_steps,
+        report_to=[t for t in s.report_to.split(",") if t != "none"] or "none",
+        seed=s.seed,
+        data_seed=s.seed,
+        disable_tqdm=True,  # progress goes to the log as lines, readable in a batch job's output
+        ddp_timeout=3 * 3600,  # rank 0 may be saving or tokenizing while others wait
+        dataset_num_proc=None,
+    )
+    trainer = AtomicCheckpointTrainer(
+        model=base, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+        processing_class=tokenizer, peft_config=model.lora_config(s, base), callbacks=[guard, ProgressCallback()])
+    trainer.keep_checkpoints = s.save_total_limit
+    resume = checkpoint.latest_checkpoint(layout.checkpoints)
+    log.info("%s (rows: %d train, %d eval; %s)", f"resuming from {resume.name}" if resume else "starting",
+             prepared.stats["train_rows"], prepared.stats["eval_rows"], _params(trainer.model))
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if guard.failed:
+        raise TrainingFailed(f"training loss became {guard.failed} at step {trainer.state.global_step}; "
+                             "lower LEARNING_RATE. Checkpoints up to the last good step are kept")
+    if guard.stop_requested:
+        raise Preempted(f"stopped by a signal at step {trainer.state.global_step}; checkpoint written")
+
+    metrics = {
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(time.time() - started, 1),
+        "log_history": trainer.state.log_history,
+        "data": prepared.stats,
+        "data_fingerprint": prepared.fingerprint,
+    }
+    if state.is_main_process:
+        staging = layout.root / ".adapter.staging"
+        trainer.save_model(str(staging))
+        tokenizer.chat_template = prepared.chat_template
+        tokenizer.save_pretrained(staging)
+        checkpoint.write_json(staging / "job.json", {"end_of_turn_id": prepared.end_of_turn_id,
+                                                     "base_model": s.base_model, "resolved_base": path})
+        checkpoint.seal(staging, layout.adapter)
+        checkpoint.write_json(layout.metrics / "train.json", metrics)
+        plot_loss(trainer.state.log_history, layout.loss_plot)
+        log.info("adapter saved: %s", layout.adapter)
+    state.wait_for_everyone()
+    return metrics
+
+
+def _device_map(state):
+    # QLoRA under DDP needs each rank's copy of the quantized weights on its own GPU
+    return {"": state.local_process_index} if torch.cuda.is_available() else None
+
+
+def _params(peft_model) -> str:
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters"
+
+
+def plot_loss(history: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            axis.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=label)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = path.with_name(".loss.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+class AtomicCheckpointTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints appear complete or not at all (see job.checkpoint)."""
+
+    keep_checkpoints = 2
+
+    def _get_output_dir(self, trial):
+        # Trainer writes checkpoint-N here; _save_checkpoint seals it and renames it into place
+        return os.path.join(self.args.output_dir, ".staging")
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            name = f"checkpoint-{self.state.global_step}"
+            final = checkpoint.seal(Path(self._get_output_dir(trial), name), Path(self.args.output_dir, name))
+            checkpoint.rotate(final.parent, self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+
+class GuardCallback(TrainerCallback):
+    """Stops training cleanly on a preemption signal (checkpoint, then exit 75) or a non-finite loss.
+
+    Every rank traps the signal; the flag is agreed across ranks each step so all of them save
+    the same checkpoint and stop together.
+    """
+
+    def __init__(self):
+        self.signalled = False
+        self.stop_requested = False
+        self.failed = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if not self.signalled:
+            log.warning("received %s: stopping after this optimizer step to write a checkpoint",
+                        signal.Signals(signum).name)
+        self.signalled = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_rank(self.signalled):
+            self.stop_requested = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.failed = loss
+            control.should_training_stop = True
+        return control
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class ProgressCallback(TrainerCallback):
+    """One readable line per logging step: where we are, loss, learning rate, time left."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.time(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        done = state.global_step - self.first_step
+        elapsed = time.time() - self.started
+        eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+        shown = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")}
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        log.info("step %d/%d %s (%.0fs elapsed, ~%.0fs left)", state.global_step, state.max_steps, text,
+                 elapsed, eta)
