@@ -25,7 +25,7 @@ mapfile -t extra < <(label_args; pip_cert_args; index_args)
 
 log "building $TEST_IMAGE from $CONTEXT (base $BASE_IMAGE, torch $wheel)"
 t0=$SECONDS
-bah bud --layers --isolation chroot \
+bah bud --layers="${LAYERS:-true}" --isolation chroot \
   -f "$REPO_ROOT/Dockerfile" \
   --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   --build-arg "TORCH_SPEC=/wheels/$wheel" \

@@ -81,11 +81,31 @@ def evaluate(s):
 
 @cli.command()
 @with_settings
+def merge(s):
+    """Merge the adapter into the 16-bit base, verify it, save it to OUTPUT_DIR/merged."""
+    from job.merge import merge as merge_stage
+
+    click.echo(json.dumps(merge_stage(s), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@with_settings
+def push(s):
+    """Push the merged model and/or adapter to HUB_MODEL_ID."""
+    from job.publish import push as push_stage
+
+    click.echo(json.dumps(push_stage(s), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@with_settings
 def run(s):
     """The whole job: preflight, train, evaluate, merge, push. Rerun it to resume."""
     from job import launch
     from job.evaluate import evaluate as evaluate_stage
+    from job.merge import merge as merge_stage
     from job.preflight import preflight as check
+    from job.publish import push as push_stage
 
     layout = Layout(s.output)
     summary = Summary(layout, s)
@@ -100,6 +120,11 @@ def run(s):
                 raise SystemExit(code)
         summary.update(status="evaluating")
         evaluate_stage(s)
+        summary.update(status="merging")
+        merge_stage(s)
+        if s.hub_model_id:
+            summary.update(status="pushing")
+            push_stage(s)
         summary.update(status="done", exit_code=0)
     except errors.JobError as error:
         summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
