@@ -103,9 +103,7 @@ def run(s):
     """The whole job: preflight, train, evaluate, merge, push. Rerun it to resume."""
     from job import launch
     from job.evaluate import evaluate as evaluate_stage
-    from job.merge import merge as merge_stage
     from job.preflight import preflight as check
-    from job.publish import push as push_stage
 
     layout = Layout(s.output)
     summary = Summary(layout, s)
@@ -121,9 +119,13 @@ def run(s):
         summary.update(status="evaluating")
         evaluate_stage(s)
         summary.update(status="merging")
+        from job.merge import merge as merge_stage
+
         merge_stage(s)
         if s.hub_model_id:
             summary.update(status="pushing")
+            from job.publish import push as push_stage
+
             push_stage(s)
         summary.update(status="done", exit_code=0)
     except errors.JobError as error:

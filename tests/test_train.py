@@ -1,0 +1,57 @@
+"""The training stage on the real 4-bit path: outputs, retention, idempotent reruns."""
+
+import json
+
+import pytest
+
+from conftest import read_summary, run_job
+from job import checkpoint
+from job.checkpoint import Layout
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_leaves_adapter_checkpoints_logs_and_plot(trained_output):
+    layout = Layout(trained_output)
+    assert checkpoint.is_complete(layout.adapter)
+    assert (layout.adapter / "adapter_model.safetensors").stat().st_size > 0
+    tokenizer_config = json.loads((layout.adapter / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tokenizer_config.get("chat_template", "") or \
+        "<|im_start|>" in (layout.adapter / "chat_template.jinja").read_text()
+    kept = checkpoint.complete_checkpoints(layout.checkpoints)
+    assert [p.name for p in kept] == ["checkpoint-10", "checkpoint-12"]  # SAVE_TOTAL_LIMIT=2, final step saved
+    for path in kept:
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= \
+            {p.name for p in path.iterdir()}
+    assert list(layout.tensorboard.rglob("events.out.tfevents.*"))
+    assert layout.loss_plot.stat().st_size > 1000
+    metrics = checkpoint.read_json(layout.metrics / "train.json")
+    assert metrics["steps"] == 12 and metrics["data"]["train_rows"] > 2000
+    assert any("eval_loss" in h for h in metrics["log_history"])
+
+
+def test_rerunning_a_finished_training_does_nothing(trained_output, hf_home):
+    adapter = Layout(trained_output).adapter / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    result = run_job(hf_home, "train", OUTPUT_DIR=trained_output, MAX_STEPS=12, SAVE_STEPS=5, EVAL_STEPS=6)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training already finished" in result.stderr
+    assert adapter.stat().st_mtime_ns == before
+
+
+def test_default_job_end_to_end(tmp_path, hf_home):
+    """What `make run` does: the whole default job; eval loss falls by at least half; a rerun does nothing."""
+    result = run_job(hf_home, "run", OUTPUT_DIR=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "done" and summary["exit_code"] == 0
+    assert summary["eval_loss_after"] <= 0.5 * summary["eval_loss_before"], summary
+    assert summary["perplexity_after"] < summary["perplexity_before"]
+    assert summary["adapter_dir"] and summary["merged_dir"] and summary["push"] is None
+    assert (tmp_path / "loss.png").exists()
+    changed = [s for s in summary["samples"] if s["before"] != s["after"]]
+    assert changed, "sample generations did not change"
+    again = run_job(hf_home, "run", OUTPUT_DIR=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "starting training" not in again.stderr
+    assert read_summary(tmp_path)["steps"] == summary["steps"]
