@@ -27,8 +27,15 @@ label_args() {
   fi
   src="${SOURCE:-$(git -C "$REPO_ROOT" remote get-url origin 2>/dev/null || echo unknown)}"
   created="${CREATED:-$(date -u +%Y-%m-%dT%H:%M:%SZ)}"
-  printf '%s\n' --build-arg "VERSION=${ver:-dev}" --build-arg "REVISION=${REVISION:-$rev}" \
+  ver="${ver:-dev}"; rev="${REVISION:-$rev}"
+  printf '%s\n' --build-arg "VERSION=$ver" --build-arg "REVISION=$rev" \
     --build-arg "SOURCE=$src" --build-arg "CREATED=$created"
+  # Also as --label: buildah 1.28 with --layers reuses a cached LABEL step even when the build
+  # args in it changed (stale revision/created); --label is applied at the final commit.
+  printf '%s\n' --label "org.opencontainers.image.version=$ver" \
+    --label "org.opencontainers.image.revision=$rev" \
+    --label "org.opencontainers.image.source=$src" \
+    --label "org.opencontainers.image.created=$created"
 }
 
 # CA bundle for pip inside the build (TLS-intercepting proxies): passed as a build secret, never

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import read_summary, run_job
+from tests.jobtools import read_summary, run_job
 from job import checkpoint
 from job.checkpoint import Layout
 
