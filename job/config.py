@@ -91,8 +91,41 @@ class Settings:
     max_length: int = setting(2048, "Longest sequence in tokens; longer rows are truncated and counted.")
     packing: bool = setting(True, "Pack rows into MAX_LENGTH sequences without padding; each row still "
                             "attends only to itself.")
-    gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.")
     seed: int = setting(42, "Seed for data order, splits and initialisation.")
+
+    # --- speed levers: none changes what is trained; auto picks from the card, its free memory and the
+    # model (job/speed.py; `job preflight` prints the choice and why)
+    gradient_checkpointing: str = setting("auto", "Recompute activations in backward: true (every layer), false, "
+                                          "offload (every layer, checkpoints kept in CPU memory); auto recomputes "
+                                          "as few layers as the memory allows.",
+                                          choices=("auto", "true", "false", "offload"), group="speed",
+                                          identity=False)
+    attn_implementation: str = setting("auto", "Attention kernel; varlen is PyTorch's built-in flash kernel over "
+                                       "packed rows; auto picks varlen on CUDA GPUs that have it, else "
+                                       "flex_attention, and sdpa on CPU.",
+                                       choices=("auto", "varlen", "flex_attention", "sdpa", "eager",
+                                                "flash_attention_2"), group="speed", identity=False)
+    liger: str = setting("auto", "Liger's fused RMSNorm, SwiGLU and RoPE kernels; auto uses them on CUDA when "
+                         "liger-kernel is installed.", choices=("auto", "true", "false"), group="speed",
+                         identity=False)
+    lora_kernel: str = setting("auto", "One fused autograd function per adapted layer (4-bit matmul + adapter, "
+                               "adapter added in the matmul epilogue); auto uses it on CUDA.",
+                               choices=("auto", "true", "false"), group="speed", identity=False)
+    dequant_cache: str = setting("auto", "Keep a 16-bit copy of the frozen 4-bit weights on the GPU instead of "
+                                 "dequantizing them every pass; auto does when the memory left allows.",
+                                 choices=("auto", "true", "false"), group="speed", identity=False)
+    offload_embeddings: str = setting("auto", "Keep the frozen input embedding table in CPU memory (saves its "
+                                      "GPU memory at a small copy cost); auto does only when memory is short.",
+                                      choices=("auto", "true", "false"), group="speed", identity=False)
+    gpu_memory_gib: float = setting(0.0, "Cap on the GPU memory the job may use, in GiB, as on a smaller card; "
+                                    "0 means the card's free memory. The speed choice plans within it.",
+                                    group="speed", identity=False)
+    dataloader_workers: int = setting(-1, "Data loader worker processes; -1 picks 2 on a GPU and 0 on CPU.",
+                                      group="speed", identity=False)
+    long_context: str = setting("auto", "Long-context mode (docs/long-context.md): checkpoints in pinned CPU "
+                                "memory, MLP in token chunks, attention output cached on CPU; auto turns it on "
+                                "on a GPU from 65,536 tokens per micro-batch or when the plain path does not fit.",
+                                choices=("auto", "on", "off"), group="speed", identity=False)
 
     # --- evaluation, checkpoints, logs
     eval_fraction: float = setting(0.05, "Share of rows held out when there is no EVAL_SPLIT.")
@@ -113,7 +146,45 @@ class Settings:
     # --- publishing
     hub_model_id: str | None = setting(None, "Hub repo to push to (user/name); unset means no push.",
                                        group="publish", identity=False)
-    hub_private: bool = setting(True, "Create the hub repo as private.", group="publish", identity=False)
+    hub_private: bool = setting(True, "Create the hub repo as private (an existing repo keeps its visibility).",
+                                group="publish", identity=False)
+    push_what: str = setting("merged", "What to push: the merged 16-bit model, the LoRA adapter, or both (the "
+                             "adapter then goes under adapter/).", choices=("merged", "adapter", "both"),
+                             group="publish", identity=False)
+    push_retries: int = setting(5, "Retries of a Hub request that failed transiently (timeout, connection error, "
+                                "429, 5xx), with exponential backoff.", group="publish", identity=False)
+    push_backoff: float = setting(2.0, "Seconds before the first retry; doubled each retry, at most 120 s; a "
+                                  "longer Retry-After from the Hub wins.", group="publish", identity=False)
+    merge_device: str = setting("auto", "Where to merge: auto uses the GPU when its free memory holds the 16-bit "
+                                "model, else (or on out-of-memory) the CPU.", choices=("auto", "cpu", "cuda"),
+                                group="publish", identity=False)
+    merge_tolerance: float = setting(0.03, "Largest allowed logit gap between the merged model and the 16-bit "
+                                     "base + adapter, as a share of the largest logit (0.03: a few bf16 "
+                                     "rounding steps; a merge into 4-bit weights is several times off).",
+                                     group="publish", identity=False)
+    merge_max_shard_size: str = setting("5GB", "Largest safetensors file of the merged model (e.g. 5GB, 500MB).",
+                                        group="publish", identity=False)
+
+
+    # --- launch: where training runs (docs/launch.md). Unset layout settings are read from Slurm, a Kubernetes
+    # Indexed Job or torchrun-style variables (job.launch); `job preflight` prints what it found.
+    strategy: str = setting("ddp", "How the ranks share the model: ddp (a copy per GPU), fsdp (FSDP with the 4-bit "
+                            "weights sharded), zero2 or zero3 (DeepSpeed). Checkpoints resume only under the "
+                            "strategy that wrote them.", choices=("ddp", "fsdp", "zero2", "zero3"), group="launch")
+    num_machines: int | None = setting(None, "Machines (nodes) in the job; unset: from the scheduler's variables, "
+                                       "else 1.", group="launch", identity=False)
+    machine_rank: int | None = setting(None, "This machine's index, 0 for the first one (which merges and pushes); "
+                                       "unset: from the scheduler's variables, else 0.", group="launch",
+                                       identity=False)
+    main_address: str | None = setting(None, "Host name or address of machine 0, where the ranks meet; unset: from "
+                                       "the scheduler's variables, else this machine.", group="launch",
+                                       identity=False)
+    main_port: int | None = setting(None, "TCP port on machine 0 where the ranks meet; unset: derived from the "
+                                    "Slurm job id, else 29500 (a free port on a single machine).", group="launch",
+                                    identity=False)
+    num_processes: int | None = setting(None, "Training processes per machine; unset: one per GPU the machine "
+                                        "shows (Slurm: SLURM_GPUS_ON_NODE), 1 on CPU.", group="launch",
+                                        identity=False)
 
     def identity(self) -> dict:
         """The settings that define what is trained: a resume must match them."""
@@ -152,6 +223,9 @@ def parse_value(f: dataclasses.Field, raw, source: str):
         raise ConfigError(f"{name} ({source}): a value is required")
     kind = value_type(f)
     text = str(raw).strip()
+    choices = f.metadata["choices"] or ()
+    if kind is str and "true" in choices and text.lower() in _TRUE | _FALSE:
+        return "true" if text.lower() in _TRUE else "false"  # YAML booleans and 1/0/yes/no for auto|true|false
     try:
         if kind is bool:
             if isinstance(raw, bool):
@@ -237,6 +311,8 @@ def validate(s: Settings) -> list[str]:
     need(s.micro_batch_size >= 1, "micro_batch_size", "must be at least 1")
     need(s.grad_accum >= 1, "grad_accum", "must be at least 1")
     need(s.max_length >= 16, "max_length", "must be at least 16 tokens")
+    need(s.gpu_memory_gib == 0 or s.gpu_memory_gib >= 1, "gpu_memory_gib", "must be 0 (the whole card) or at least 1")
+    need(s.dataloader_workers >= -1, "dataloader_workers", "must be -1 (auto) or 0 or more")
     need(0 <= s.eval_fraction < 0.5, "eval_fraction", "must be in [0, 0.5)")
     need(s.max_eval_samples >= 1, "max_eval_samples", "must be at least 1")
     for name in ("eval_steps", "save_steps", "logging_steps", "save_total_limit"):
@@ -250,6 +326,18 @@ def validate(s: Settings) -> list[str]:
     elif s.prompt_template or s.response_column:
         problems.append("PROMPT_TEMPLATE and RESPONSE_COLUMN only apply with DATA_FORMAT=template "
                         f"(DATA_FORMAT={s.data_format!r})")
+    need(s.push_retries >= 0, "push_retries", "must be 0 or more")
+    need(s.push_backoff >= 0, "push_backoff", "must be 0 or more seconds")
+    need(0 < s.merge_tolerance < 1, "merge_tolerance", "must be in (0, 1), e.g. 0.03")
+    need(bool(re.fullmatch(r"\d+(GB|MB|KB|GiB|MiB|KiB)", s.merge_max_shard_size)), "merge_max_shard_size",
+         "must be a whole number and a unit (GB, MB, KB, GiB, MiB, KiB), e.g. 5GB")
+    need(s.num_machines is None or s.num_machines >= 1, "num_machines", "must be at least 1")
+    need(s.machine_rank is None or 0 <= s.machine_rank < (s.num_machines or 2**31), "machine_rank",
+         f"must be in [0, NUM_MACHINES={s.num_machines}), 0 being the first machine")
+    need(s.main_port is None or 1 <= s.main_port <= 65535, "main_port", "must be a TCP port (1-65535)")
+    need(s.num_processes is None or s.num_processes >= 1, "num_processes", "must be at least 1")
+    need(s.strategy not in ("fsdp", "zero3") or s.quantization != "int8", "strategy",
+         "cannot shard 8-bit weights; use QUANTIZATION=nf4 (QLoRA) or none with fsdp and zero3")
     need(s.hub_model_id is None or bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s.hub_model_id)), "hub_model_id",
          "must look like user/name")
     trackers = {t.strip() for t in s.report_to.split(",")}

@@ -1,9 +1,49 @@
-"""Pushing to the Hugging Face Hub (filled in by the publishing issue); the token lookup lives here."""
+"""Pushing to the Hugging Face Hub: the merged model and/or the adapter, with a model card.
+
+- The token comes from HF_TOKEN or the file HF_TOKEN_FILE names (a mounted secret). It is passed to
+  the client directly, never logged, printed or written anywhere (no `login()`, no settings dump).
+- One commit per push. The client leaves out files whose content the Hub already has, and LFS
+  objects it already holds are not sent again, so a retry or a rerun re-uploads only what is
+  missing or changed. Shards of an earlier push that are no longer part of the model are deleted
+  in the same commit.
+- Transient failures (timeouts, connection errors, 429, 5xx) are retried PUSH_RETRIES times with
+  exponential backoff from PUSH_BACKOFF seconds (a longer Retry-After wins); anything else, or
+  running out of retries, raises PushFailed (exit 5). The merged model stays on disk and a rerun
+  of `job run` goes straight to the push.
+- OUTPUT_DIR/metrics/push.json records the repo, commit and a fingerprint of what was pushed; a
+  rerun with the same repo and unchanged local files does nothing, without contacting the Hub.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import yaml
+
+from job import checkpoint
+from job.checkpoint import COMPLETE, Layout
+from job.config import BUILTIN_DATASET, BUILTIN_MODEL, Settings
+from job.errors import ConfigError, PushFailed
+
+log = logging.getLogger("job.publish")
+
+# Retried besides every 5xx: 408 and 429; 409, 412 and 423, where another commit (perhaps our own,
+# whose answer was lost to a timeout) moved the branch or holds the repo: the next attempt looks again.
+RETRY_STATUS = {408, 409, 412, 423, 425, 429}
+# The client's shared HTTP client has no timeouts at all, so a stalled connection would hang the job;
+# these are per network operation (not per upload), so a large shard still uploads at any speed.
+HUB_TIMEOUT = {"connect": 30.0, "read": 300.0, "write": 300.0, "pool": 60.0}
+MAX_BACKOFF = 120.0
+ADAPTER_SKIP = {COMPLETE, "README.md", "job.json", "training_args.bin"}  # local paths, pickles, peft's stub card
+WEIGHT_FILES = re.compile(r"(^|/)[^/]+\.safetensors(\.index\.json)?$")
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
 def token() -> str | None:
@@ -15,3 +55,334 @@ def token() -> str | None:
         except OSError:
             value = None
     return value or None
+
+
+# ------------------------------------------------------------------------------------------ push
+
+def push(s: Settings) -> dict:
+    layout = Layout(s.output)
+    repo = s.hub_model_id
+    if not repo:
+        raise ConfigError("HUB_MODEL_ID is not set: there is nowhere to push to")
+    secret = token()
+    if not secret:
+        raise ConfigError(f"HUB_MODEL_ID={repo} asks for a push but no token was found: set HF_TOKEN or "
+                          "HF_TOKEN_FILE (a mounted secret)")
+    parts = ["merged", "adapter"] if s.push_what == "both" else [s.push_what]
+    _check_ready(layout, parts)
+    plan = upload_plan(s, layout, parts)
+    fingerprint = _fingerprint(repo, plan)
+    done = checkpoint.read_json(layout.metrics / "push.json")
+    if done and done.get("repo") == repo and done.get("fingerprint") == fingerprint and done.get("commit"):
+        log.info("already pushed to %s at commit %s; nothing changed since", repo, done["commit"])
+        return done
+
+    if "merged" in parts:  # the card on disk matches the one pushed (it names the repo now)
+        _write_if_changed(layout.merged / "README.md", plan["README.md"])
+    from huggingface_hub import HfApi
+
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request: URLs, noise in a batch log
+    api = HfApi(token=secret)
+    log.info("pushing %s to %s (%d files)", " and ".join(parts), repo, len(plan))
+    with _timeouts():
+        url = _retry(s, "creating the repo", lambda: api.create_repo(repo, private=s.hub_private, exist_ok=True))
+        private = _retry(s, "reading the repo", lambda: api.repo_info(repo)).private
+        if private != s.hub_private:
+            log.warning("%s already exists and is %s; its visibility is left as it is (HUB_PRIVATE=%s)", repo,
+                        "private" if private else "public", s.hub_private)
+        info = _retry(s, "uploading", lambda: _commit(api, repo, plan, parts))
+    result = {
+        "repo": repo,
+        "commit": info.oid,
+        "commit_url": info.commit_url,
+        "url": str(url),
+        "pushed": parts,
+        "private": private,
+        "files": sorted(plan),
+        "fingerprint": fingerprint,
+    }
+    checkpoint.write_json(layout.metrics / "push.json", result)
+    log.info("pushed to %s: commit %s", result["url"], info.oid)
+    return result
+
+
+def _check_ready(layout: Layout, parts: list[str]) -> None:
+    if "merged" in parts:
+        merged = checkpoint.read_json(layout.metrics / "merge.json") or {}
+        if not checkpoint.is_complete(layout.merged) or not merged.get("passed"):
+            raise ConfigError(f"nothing to push: {layout.merged} is not a verified merged model; run `job merge` "
+                              "(or `job run`) first, or set PUSH_WHAT=adapter")
+    if "adapter" in parts and not checkpoint.is_complete(layout.adapter):
+        raise ConfigError(f"nothing to push: {layout.adapter} is not a finished adapter; train first")
+
+
+def upload_plan(s: Settings, layout: Layout, parts: list[str]) -> dict[str, Path | bytes]:
+    """path in the repo -> local file, or bytes for what is generated (model cards, adapter config)."""
+    plan: dict[str, Path | bytes] = {}
+    if "merged" in parts:
+        for path in sorted(layout.merged.iterdir()):
+            if path.is_file() and path.name not in (COMPLETE, "README.md"):
+                plan[path.name] = path
+        plan["README.md"] = model_card(s, layout, "merged", parts=parts).encode()
+    if "adapter" in parts:
+        prefix = "adapter/" if "merged" in parts else ""
+        for path in sorted(layout.adapter.iterdir()):
+            if path.is_file() and path.name not in ADAPTER_SKIP:
+                plan[prefix + path.name] = path
+        adapter_config = json.loads((layout.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        if _hub_id(s.base_model):  # not the path it had on the training machine
+            adapter_config["base_model_name_or_path"] = s.base_model
+        plan[prefix + "adapter_config.json"] = (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode()
+        plan[prefix + "README.md"] = model_card(s, layout, "adapter", parts=parts).encode()
+    return plan
+
+
+def _fingerprint(repo: str, plan: dict[str, Path | bytes]) -> str:
+    """What was pushed, cheaply: sealed files never change in place, so size and mtime identify them."""
+    h = hashlib.sha256(repo.encode())
+    for name, source in sorted(plan.items()):
+        if isinstance(source, bytes):
+            h.update(f"{name}:{hashlib.sha256(source).hexdigest()};".encode())
+        else:
+            stat = source.stat()
+            h.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return h.hexdigest()[:32]
+
+
+def _commit(api, repo: str, plan: dict[str, Path | bytes], parts: list[str]):
+    """One commit: every planned file (the client skips those the Hub already has) and stale weight files."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    head = api.repo_info(repo).sha  # committed on top of exactly this: a lost-but-applied attempt gives 412
+    folders = {name.rpartition("/")[0] for name in plan}  # weight files of an older push in the same folders
+    stale = [name for name in api.list_repo_files(repo, revision=head)
+             if name not in plan and name.rpartition("/")[0] in folders and WEIGHT_FILES.search(name)]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes)
+                                     else str(source)) for name, source in sorted(plan.items())]
+    operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+    return api.create_commit(repo, operations=operations, commit_message=f"Upload {' and '.join(parts)} (job)",
+                             commit_description="Pushed by the fine-tuning job; see README.md for how it was made.",
+                             parent_commit=head)
+
+
+@contextmanager
+def _timeouts():
+    """Give the client's shared HTTP client timeouts (HUB_TIMEOUT) while pushing, then restore its factory."""
+    import httpx2
+    from huggingface_hub.utils import _http, set_client_factory
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory():
+        client = previous()
+        client.timeout = httpx2.Timeout(**HUB_TIMEOUT)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _retry(s: Settings, what: str, call):
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as error:  # classified below; everything else becomes PushFailed
+            transient, wait_hint = _classify(error)
+            text = _describe(error)
+            if not transient:
+                raise PushFailed(f"push to {s.hub_model_id} failed while {what}: {text} (not retried). The merged "
+                                 "model is on disk; fix the cause and rerun to push") from None
+            if attempt >= s.push_retries:
+                raise PushFailed(f"push to {s.hub_model_id} failed while {what} after {attempt + 1} attempts: "
+                                 f"{text}. The merged model is on disk; rerun to push") from None
+            delay = min(s.push_backoff * 2 ** attempt, MAX_BACKOFF)
+            if wait_hint is not None:
+                delay = max(delay, min(wait_hint, 600.0))
+            attempt += 1
+            log.warning("%s failed (%s); retry %d of %d in %.1f s", what, text, attempt, s.push_retries, delay)
+            time.sleep(delay)
+
+
+def _classify(error: Exception) -> tuple[bool, float | None]:
+    """(transient?, seconds the server asked us to wait)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(error, HfHubHTTPError) or status is not None:
+        if status is None:
+            return True, None  # no response at all: a connection problem
+        wait = None
+        try:
+            wait = float(response.headers.get("Retry-After"))
+        except (TypeError, ValueError):
+            pass
+        return status in RETRY_STATUS or status >= 500, wait
+    try:
+        import httpx2
+
+        if isinstance(error, httpx2.TransportError):  # timeouts, refused or reset connections
+            return True, None
+    except ImportError:
+        pass
+    return isinstance(error, (ConnectionError, TimeoutError)), None
+
+
+def _describe(error: Exception) -> str:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    text = f"{type(error).__name__}" + (f" HTTP {status}" if status else "") + (f": {first}" if first else "")
+    secret = token()
+    return text.replace(secret, "***") if secret else text
+
+
+def _write_if_changed(path: Path, content: bytes) -> None:
+    if path.is_file() and path.read_bytes() == content:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------ model card
+
+def _hub_id(name: str | None) -> bool:
+    return bool(name) and bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
+def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | None = None,
+               merge_metrics: dict | None = None) -> str:
+    """README.md for the merged model (kind="merged") or the adapter: YAML front matter, what it was trained
+    from and on, the prompt format with an example, training settings, metrics, and how to load it."""
+    parts = parts or [kind]
+    train = checkpoint.read_json(layout.metrics / "train.json") or {}
+    evaluation = checkpoint.read_json(layout.metrics / "evaluate.json") or {}
+    merged = merge_metrics or checkpoint.read_json(layout.metrics / "merge.json") or {}
+    repo = s.hub_model_id
+    base = "the built-in tiny Llama test model" if s.base_model == BUILTIN_MODEL else f"`{s.base_model}`"
+    dataset = "the bundled task set" if s.dataset == BUILTIN_DATASET else f"`{s.dataset}`"
+    method = {"nf4": "QLoRA (4-bit NF4 base)", "int8": "LoRA on an 8-bit base", "none": "LoRA on a 16-bit base"}
+    method = method.get(s.quantization, s.quantization)
+
+    front = {"library_name": "transformers" if kind == "merged" else "peft", "pipeline_tag": "text-generation",
+             "license": "unknown",
+             "tags": ["text-generation", "sft", "lora", *(["qlora"] if s.quantization != "none" else []),
+                      *(["peft"] if kind == "adapter" else []), "trl"]}
+    if _hub_id(s.base_model):
+        front["base_model"] = s.base_model
+        if kind == "merged":
+            front["base_model_relation"] = "finetune"
+    if _hub_id(s.dataset):
+        front["datasets"] = [s.dataset]
+
+    if kind == "merged":
+        where = repo or "path/to/merged"
+        subfolder = ""
+    else:
+        where = repo or "path/to/adapter"
+        subfolder = "adapter" if "merged" in parts else ""
+    example, generation_prompt, template, stops = _prompt_example(s, layout)
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+        f"# {repo.split('/')[-1] if repo else 'Fine-tuned model'}", "",
+        (f"{base[0].upper() + base[1:]} fine-tuned on {dataset} with {method}; the adapter was merged into the "
+         "16-bit base weights." if kind == "merged" else f"A LoRA adapter for {base}, trained on {dataset} with "
+         f"{method}."), "",
+    ]
+    if len(parts) > 1:
+        lines += ["This repository holds the merged model at its root and the LoRA adapter under `adapter/`.", ""]
+    lines += [
+        "## Prompt format", "",
+        "Conversations are rendered with the chat template below, the one used in training; it is saved with "
+        f"the tokenizer, so `apply_chat_template` reproduces it. Generation stops at {stops}.", "",
+        "A conversation as trained (the answer and its end-of-turn token are what the loss was on):", "",
+        "```text", example, "```", "",
+        "The prompt for a new answer (`add_generation_prompt=True`):", "",
+        "```text", generation_prompt, "```", "",
+        "<details><summary>Chat template (Jinja)</summary>", "", "```jinja", template, "```", "", "</details>", "",
+        "## How to load", "",
+    ]
+    if kind == "merged":
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model_id = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+                  'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")', ""]
+    else:
+        sub = f', subfolder="{subfolder}"' if subfolder else ""
+        lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+                  "", f'adapter_id = "{where}"',
+                  f"tokenizer = AutoTokenizer.from_pretrained(adapter_id{sub})",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained(adapter_id{sub}, dtype="auto", '
+                  'device_map="auto")', ""]
+    lines += [
+        'messages = [{"role": "user", "content": "What is the capital of Norway?"}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
+        "                                       return_dict=True).to(model.device)",
+        "output = model.generate(**inputs, max_new_tokens=128)  # stops at the end-of-turn token",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```", "",
+    ]
+    if kind == "merged":
+        lines += ["Weights are bf16 safetensors (sharded for large models); `generation_config.json` lists EOS and "
+                  "the end-of-turn token as stop tokens.", ""]
+    else:
+        lines += ["Loading the adapter downloads the base model it names in `adapter_config.json`.", ""]
+
+    lines += ["## Training", "", "| Setting | Value |", "| --- | --- |",
+              f"| base model | {base} |", f"| dataset | {dataset} (split `{s.dataset_split}`) |",
+              f"| method | {method} |"]
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
+                 "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "micro_batch_size", "grad_accum",
+                 "max_length", "packing", "seed", "data_format", "prompt_format", "system_prompt"):
+        if hasattr(s, name) and not (name == "system_prompt" and getattr(s, name) is None):
+            lines.append(f"| `{name.upper()}` | `{getattr(s, name)}` |")
+    stats = train.get("data") or {}
+    for label, value in (("optimizer steps", train.get("steps")), ("training rows", stats.get("train_rows")),
+                         ("evaluation rows", stats.get("eval_rows")), ("final training loss",
+                                                                      _num(train.get("train_loss")))):
+        if value is not None:
+            lines.append(f"| {label} | {value} |")
+    lines += ["", "## Results", "", "| Metric | Value |", "| --- | --- |"]
+    for label, key in (("eval loss before training", "eval_loss_before"), ("eval loss after", "eval_loss_after"),
+                       ("perplexity before", "perplexity_before"), ("perplexity after", "perplexity_after")):
+        if evaluation.get(key) is not None:
+            lines.append(f"| {label} | {_num(evaluation[key])} |")
+    if merged.get("max_abs_logit_gap") is not None:
+        lines.append(f"| merge check: max logit gap, merged vs 16-bit base + adapter | "
+                     f"{_num(merged['max_abs_logit_gap'])} ({_pct(merged.get('relative_gap'))} of the largest "
+                     f"logit; tolerance {_pct(merged.get('tolerance'))}) |")
+    if merged.get("gap_4bit") is not None:
+        lines.append(f"| max logit gap, 16-bit vs the {s.quantization} training-time model | "
+                     f"{_num(merged['gap_4bit'])} ({_pct(merged.get('relative_gap_4bit'))}) |")
+    lines += ["", "Evaluation rows are held out from the training data (or the configured evaluation split).", "",
+              "## License", "",
+              f"Not set by the training job: the terms of the base model ({base}) and of the dataset apply.", ""]
+    return "\n".join(lines)
+
+
+def _prompt_example(s: Settings, layout: Layout) -> tuple[str, str, str, str]:
+    """A rendered conversation and prompt, the template, and the stop tokens, from the adapter's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(layout.adapter), trust_remote_code=s.trust_remote_code)
+    messages = [{"role": "user", "content": "What is the capital of Norway?"}]
+    if s.system_prompt:
+        messages.insert(0, {"role": "system", "content": s.system_prompt})
+    conversation = messages + [{"role": "assistant", "content": "The capital of Norway is Oslo."}]
+    example = tokenizer.apply_chat_template(conversation, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    meta = checkpoint.read_json(layout.adapter / "job.json") or {}
+    ids = list(dict.fromkeys(i for i in (tokenizer.eos_token_id, meta.get("end_of_turn_id")) if i is not None))
+    stops = " or ".join(f"`{tokenizer.convert_ids_to_tokens(i)}` (id {i})" for i in ids)
+    return example, prompt, tokenizer.chat_template or "", stops
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.3g}%"

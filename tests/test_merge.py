@@ -1,0 +1,212 @@
+"""The merge stage on the real 4-bit-trained tiny model: parity, the saved artifact, a broken merge caught."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from job import checkpoint, cli, config
+from job import merge as merge_module
+from job.checkpoint import Layout
+from job.errors import EXIT_VERIFY_FAILED, VerifyFailed
+
+pytestmark = pytest.mark.slow
+
+# The settings `trained_output` (tests/conftest.py) was trained with; MAX_STEPS is part of the run's identity.
+TRAINED = {"MAX_STEPS": "12", "SAVE_STEPS": "5", "EVAL_STEPS": "6"}
+SHARD = "1MB"  # the tiny model is ~1.6 MB in bf16: two shards, so sharding is exercised everywhere
+_MERGED: dict[str, Path] = {}
+
+
+def settings_for(output: Path, **extra) -> config.Settings:
+    return config.load(environ={"OUTPUT_DIR": str(output), "MERGE_MAX_SHARD_SIZE": SHARD, **TRAINED,
+                                **{k: str(v) for k, v in extra.items()}})
+
+
+def copy_output(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def merged_once(trained_output: Path, tmp_path_factory) -> Path:
+    """Merge a copy of the trained output once per session (shared with test_publish.py; treat it as
+    read-only and copy it before changing anything)."""
+    if "path" not in _MERGED:
+        output = copy_output(trained_output, tmp_path_factory.mktemp("merged") / "out")
+        merge_module.merge(settings_for(output))
+        _MERGED["path"] = output
+    return _MERGED["path"]
+
+
+@pytest.fixture(scope="session")
+def merged_output(trained_output, tmp_path_factory) -> Path:
+    return merged_once(trained_output, tmp_path_factory)
+
+
+def test_merge_parity_with_base_plus_adapter_and_gap_to_4bit(merged_output):
+    layout = Layout(merged_output)
+    metrics = json.loads((layout.metrics / "merge.json").read_text())
+    assert checkpoint.is_complete(layout.merged)
+    assert metrics["passed"] and all(metrics["checks"].values()) and not metrics["problems"]
+    assert metrics["device"] == "cpu" and metrics["dtype"] == "bfloat16"
+    assert metrics["peak_memory_gib"] > 0 and metrics["peak_cpu_rss_gib"] > 0
+    assert metrics["tolerance"] == 0.03
+    assert metrics["max_abs_logit_gap"] <= metrics["tolerance_abs"] == pytest.approx(0.03 * metrics["logit_scale"])
+    assert metrics["relative_gap"] < 0.03 and metrics["top1_agreement"] > 0.9
+    # The 4-bit training-time model is reported, and it is further off than the merge.
+    assert metrics["training_quantization"] == "nf4"
+    assert metrics["gap_4bit"] > metrics["max_abs_logit_gap"]
+    assert metrics["rows_compared"] == merge_module.VERIFY_ROWS and metrics["tokens_compared"] > 20
+
+    # Independently of merge.py: merged folder vs 16-bit base + adapter on a new input.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = json.loads((layout.adapter / "job.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(layout.merged)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Repeat the word three times.\n\nlamp"},
+                                         {"role": "assistant", "content": "lamp lamp lamp"}], return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(meta["resolved_base"], dtype=torch.bfloat16)
+    reference = PeftModel.from_pretrained(base, str(layout.adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(layout.merged).eval()
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
+        with reference.disable_adapter():
+            plain = reference(input_ids=ids).logits.float()
+    gap = (got - want).abs().max().item()
+    assert gap <= 0.03 * want.abs().max().item()
+    assert (plain - want).abs().max().item() > 5 * gap  # the adapter matters: parity is not trivially true
+
+
+def test_merged_folder_is_complete_and_loads_with_auto_classes(merged_output):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
+
+    layout = Layout(merged_output)
+    merged = layout.merged
+    shards = sorted(p.name for p in merged.glob("*.safetensors"))
+    assert len(shards) >= 2 and (merged / "model.safetensors.index.json").is_file()
+    assert not list(merged.glob("*.bin")) and not list(merged.glob("adapter_*"))
+    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md", "COMPLETE"} <= \
+        {p.name for p in merged.iterdir()}
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    adapter_tokenizer = AutoTokenizer.from_pretrained(layout.adapter)
+    assert tokenizer.chat_template and tokenizer.chat_template == adapter_tokenizer.chat_template
+    end_of_turn = json.loads((layout.adapter / "job.json").read_text())["end_of_turn_id"]
+    assert tokenizer.convert_ids_to_tokens(end_of_turn) == "<|im_end|>"
+    generation = GenerationConfig.from_pretrained(merged)
+    assert generation.eos_token_id == [tokenizer.eos_token_id, end_of_turn]
+    assert generation.pad_token_id == tokenizer.pad_token_id not in generation.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.dtype == torch.bfloat16
+    assert not hasattr(model, "peft_config") and "quantization_config" not in model.config.to_dict()
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Norway?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    n = prompt["input_ids"].shape[1]
+
+    class EmitAfter(LogitsProcessor):
+        """Make the model emit `token` as its `step`-th new token, as a trained model does when it is done."""
+
+        def __init__(self, token, step):
+            self.token, self.step = token, step
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - n == self.step - 1:
+                scores[:, :] = -float("inf")
+                scores[:, self.token] = 0
+            return scores
+
+    for stop in (end_of_turn, tokenizer.eos_token_id):  # generation_config alone makes either one stop it
+        out = model.generate(**prompt, max_new_tokens=20, do_sample=False, logits_processor=[EmitAfter(stop, 3)])
+        assert out.shape[1] - n == 3 and out[0, -1].item() == stop
+    free = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, n:].tolist()
+    assert len(free) == 12 or free[-1] in generation.eos_token_id  # ran to the limit, or stopped at a stop token
+
+    metrics = json.loads((layout.metrics / "merge.json").read_text())
+    assert metrics["generation"]["prompt"].endswith("<|im_start|>assistant\n")
+    assert metrics["eos_token_id"] == [tokenizer.eos_token_id, end_of_turn]
+
+
+def test_model_card_code_runs_against_the_merged_folder(merged_output):
+    card = (Layout(merged_output).merged / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and "pipeline_tag: text-generation" in front
+    assert "<|im_start|>user\nWhat is the capital of Norway?<|im_end|>" in card
+    assert "merge check: max logit gap" in card and "tolerance 3%" in card and "`LORA_R` | `16`" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace('"path/to/merged"', repr(str(Layout(merged_output).merged)))
+    code = code.replace('device_map="auto"', "device_map=None").replace("max_new_tokens=128", "max_new_tokens=4")
+    exec(compile(code, "model card", "exec"), {})
+
+
+def test_merge_rerun_returns_recorded_metrics_without_loading_models(merged_output, tmp_path, monkeypatch):
+    output = copy_output(merged_output, tmp_path / "out")
+    sealed = (output / "merged" / "COMPLETE").stat().st_mtime_ns
+    import transformers
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished merge loaded a model again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    result = merge_module.merge(settings_for(output))
+    assert result == json.loads((output / "metrics" / "merge.json").read_text()) and result["passed"]
+    assert (output / "merged" / "COMPLETE").stat().st_mtime_ns == sealed
+
+
+def nf4_roundtrip(tuned):
+    """The field failure: weights merged, then squeezed through 4-bit (as when merging into the QLoRA base)."""
+    import bitsandbytes.functional as bnbf
+
+    merged = tuned.merge_and_unload()
+    with torch.no_grad():
+        for name, module in merged.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                packed, state = bnbf.quantize_4bit(module.weight.data, quant_type="nf4")
+                module.weight.data = bnbf.dequantize_4bit(packed, state).to(module.weight.dtype)
+    return merged
+
+
+def test_broken_merge_fails_verification_exit_4_and_nothing_is_pushed(trained_output, tmp_path, monkeypatch, capsys,
+                                                                     hf_home):
+    from tests.hubserver import patch_hf_client, running_hub
+
+    output = copy_output(trained_output, tmp_path / "out")
+    monkeypatch.setattr(merge_module, "merge_weights", nf4_roundtrip)
+    import job.evaluate
+
+    monkeypatch.setattr(job.evaluate, "evaluate", lambda s: {})  # not under test here; saves time
+    for f in config.FIELDS.values():
+        monkeypatch.delenv(config.env_name(f), raising=False)
+    with running_hub(tmp_path / "hub", "hf_merge_test_token") as hub:
+        patch_hf_client(monkeypatch, hub, hf_home)
+        for key, value in {"OUTPUT_DIR": str(output), "HUB_MODEL_ID": "test-user/broken", "HF_TOKEN":
+                           "hf_merge_test_token", "MERGE_MAX_SHARD_SIZE": SHARD, **TRAINED}.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["run"])
+        assert exit_info.value.code == EXIT_VERIFY_FAILED == 4
+        assert hub.counts["create_repo"] == 0 and hub.counts["commit"] == 0
+    layout = Layout(output)
+    assert not layout.merged.exists() and not (output / ".merged.staging").exists()
+    metrics = json.loads((layout.metrics / "merge.json").read_text())
+    assert metrics["passed"] is False and not metrics["checks"]["logits_within_tolerance"]
+    assert metrics["relative_gap"] > metrics["tolerance"]
+    assert "exceeds MERGE_TOLERANCE" in metrics["problems"][0]
+    summary = json.loads(layout.summary.read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 4 and summary["push"] is None
+    assert summary["merge"]["passed"] is False and "does not match" in summary["error"]
+    assert not (layout.metrics / "push.json").exists()
+    assert checkpoint.is_complete(layout.adapter)  # the adapter is intact for a fixed rerun
+
+    # Direct call: the same error type, and nothing sealed.
+    with pytest.raises(VerifyFailed):
+        merge_module.merge(settings_for(output))
+    assert not layout.merged.exists()
