@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -55,19 +56,25 @@ def cli():
 @cli.command()
 @with_settings
 def preflight(s):
-    """Check settings, model and data, and print the plan (no training)."""
+    """Check settings, model and data, and print the plan and the machines it runs on (no training)."""
+    from job import launch
     from job.preflight import preflight as check
 
-    click.echo(json.dumps(check(s), indent=2, ensure_ascii=False))
+    where = launch.resolve(s)
+    plan = check(s, world_size=where.world_size)
+    plan["launch"] = {**where.describe(), "command": launch.command(s, where)}
+    click.echo(json.dumps(plan, indent=2, ensure_ascii=False))
 
 
 @cli.command()
 @with_settings
 def train(s):
     """Train the adapter (one process; `job run` launches it on every rank)."""
+    from job.launch import reporting_exit_code
     from job.train import train as train_stage
 
-    train_stage(s)
+    with reporting_exit_code():  # the launchers report any failure as 1; `job run` reads the real code
+        train_stage(s)
 
 
 @cli.command()
@@ -98,6 +105,49 @@ def push(s):
 
 
 @cli.command()
+@click.option("--model", "arch", default="llama-3-8b", show_default=True,
+              type=click.Choice(["llama-3-8b", "mistral-7b"]), help="Architecture built with random weights.")
+@click.option("--max-length", default="2048", show_default=True,
+              help="MAX_LENGTH of every phase, or max: find the longest single sequence that trains "
+                   "(doubling, then bisecting, one process per trial; docs/long-context.md).")
+@click.option("--steps", default=8, show_default=True, help="Timed optimizer steps per phase.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(1), help="Untimed steps first.")
+@click.option("--phases", default="tutorial,stock,job", show_default=True,
+              help="Comma-separated: tutorial, stock, job.")
+@click.option("--memory-cap", default="", metavar="GIB[,GIB...]",
+              help="Also compare under these GPU memory caps (as on smaller cards), e.g. 8,16,24.")
+@click.option("--levers", is_flag=True, help="Also time the job with each lever changed on its own.")
+@click.option("--stock-tries", default=2, show_default=True, type=click.IntRange(1),
+              help="Stock recipes timed per memory cap; the fastest that fits is the comparison.")
+@click.option("--variant", multiple=True, metavar="NAME:KEY=VALUE,...",
+              help="An extra job phase with settings forced, e.g. 'flex:ATTN_IMPLEMENTATION=flex_attention'.")
+@click.option("--workdir", default="", help="Where the models are built and kept [default: $TMPDIR/job-bench].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--out", default="", metavar="FILE", help="Also write the JSON report to FILE.")
+def bench(arch, max_length, steps, warmup, phases, memory_cap, levers, stock_tries, variant, workdir, as_json, out):
+    """Time the job's training path against the tutorial recipe and the best stock settings (GPU)."""
+    from job import bench as benchmark
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        caps = tuple(float(c) for c in memory_cap.split(",") if c.strip())
+        if max_length.strip().lower() == "max":
+            click.echo(json.dumps(benchmark.longest_sequence(arch, workdir, caps, out), indent=2))
+            return
+        max_length = int(max_length)
+        variants = tuple(benchmark.parse_variant(v) for v in variant)
+    except ValueError as error:
+        raise errors.ConfigError(f"job bench: {error}") from None
+    if levers:
+        variants = benchmark.LEVER_VARIANTS + variants
+    opts = benchmark.Options(model=arch, max_length=max_length, warmup=warmup, steps=steps,
+                             phases=tuple(p.strip() for p in phases.split(",") if p.strip()), memory_caps=caps,
+                             variants=variants, stock_tries=stock_tries, workdir=workdir, as_json=as_json, out=out)
+    report = benchmark.run(opts)
+    click.echo(json.dumps(report, indent=2) if as_json else benchmark.render(report))
+
+
+@cli.command()
 @with_settings
 def run(s):
     """The whole job: preflight, train, evaluate, merge, push. Rerun it to resume."""
@@ -106,13 +156,18 @@ def run(s):
     from job.preflight import preflight as check
 
     layout = Layout(s.output)
+    where = launch.resolve(s)
+    if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
+        log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
+        raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
     summary = Summary(layout, s)
     try:
-        plan = check(s)
+        plan = check(s, world_size=where.world_size)
+        plan["launch"] = where.describe()
         log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
         summary.update(status="training", plan=plan)
         if not checkpoint.is_complete(layout.adapter):
-            code = launch.run_training(s)
+            code = launch.run_training(s, where)  # returns once every rank has finished
             if code != errors.EXIT_OK:
                 summary.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code)
                 raise SystemExit(code)
@@ -186,12 +241,19 @@ class RedactToken(logging.Filter):
 def setup_logging(layout: Layout) -> None:
     if getattr(setup_logging, "done", False):
         return
-    rank = os.environ.get("RANK", "0")
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    # training processes (started by `job run`, which sets JOB_EXIT_DIR) log as their rank; `job run` itself
+    # and the other commands, one per machine, as their host
+    if "JOB_EXIT_DIR" in os.environ:
+        who = f"rank {os.environ.get('RANK', '0')}"
+        name = f"job-rank{os.environ.get('RANK', '0')}.log"
+    else:
+        who = socket.gethostname()
+        name = f"job-{who}.log"
+    fmt = logging.Formatter(f"%(asctime)s [{who}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     try:
         (layout.root / "logs").mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(layout.root / "logs" / f"job-rank{rank}.log", encoding="utf-8"))
+        handlers.append(logging.FileHandler(layout.root / "logs" / name, encoding="utf-8"))
     except OSError:
         pass  # an unwritable OUTPUT_DIR is reported by preflight with its name
     root = logging.getLogger()

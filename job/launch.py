@@ -1,21 +1,315 @@
-"""Starting the training stage as its own process(es), with every setting passed in the environment.
+"""Where training runs, and starting it there: the machines and processes, and the launcher command.
 
-Training runs in a child process even on one GPU: its memory is returned before the merge loads
-the 16-bit model, and the parent stays free to forward signals and read the exit code.
+`job run` runs on every machine (one Slurm task, one pod per node) and calls `run_training`, which
+  1. works out the layout (`resolve`), each value from the first source that has it:
+       explicit settings   NUM_MACHINES, MACHINE_RANK, MAIN_ADDRESS, MAIN_PORT, NUM_PROCESSES
+       Slurm               SLURM_JOB_NUM_NODES, SLURM_NODEID, first host of SLURM_JOB_NODELIST,
+                           SLURM_GPUS_ON_NODE; the port derived from SLURM_JOB_ID
+       Kubernetes          JOB_COMPLETION_INDEX of an Indexed Job; machine 0 is `<job>-0.<subdomain>`,
+                           read from the pod's own host name and DNS name (the headless Service)
+       torchrun-style      PET_NNODES, PET_NODE_RANK, PET_NPROC_PER_NODE, PET_MASTER_ADDR/PORT (Kubeflow
+                           Trainer), else MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK read as one pod
+                           per machine (PyTorchJob, Volcano)
+       otherwise           one machine, one process per GPU (1 on CPU)
+  2. starts the training processes of this machine as one child process:
+       CUDA   python -m accelerate.commands.launch --config_file job/accelerate/<STRATEGY>.yaml
+                  --num_machines N --machine_rank R --main_process_ip A --main_process_port P
+                  --num_processes N*K ... -m job train             (`accelerate launch`)
+       CPU    python -m torch.distributed.run --nnodes N --node-rank R --nproc-per-node K
+                  --master-addr A --master-port P -m job train     (gloo; `accelerate launch --cpu`
+                  starts a single process), or plain `python -m job train` for one process
+  3. passes stop signals (SIGTERM, SIGUSR1; SIGINT as SIGTERM) to the training processes, which
+     checkpoint and exit 75, and returns their exit code: the launchers report any failure as 1, so
+     each training process leaves its own code in JOB_EXIT_DIR (`reporting_exit_code`).
+The process group lives only in the children: merge and push run in `job run` itself after they
+have exited, so no NCCL watchdog can kill them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from job import errors
 from job.config import FIELDS, Settings, env_name
-from job.errors import EXIT_PREEMPTED
+from job.errors import ConfigError
 
 log = logging.getLogger("job.launch")
+
+CONFIGS = Path(__file__).parent / "accelerate"  # accelerate (and DeepSpeed) configs, one per STRATEGY
+DEFAULT_PORT = 29500
+RENDEZVOUS_TIMEOUT = 1800  # s the other machines wait for machine 0 (it runs preflight and tokenizes first)
+SHUTDOWN_GRACE = 300  # s torchrun gives training processes to checkpoint after a stop signal before SIGKILL
+RESEND_SECONDS = 30  # a stop signal is sent again while training runs, in case it came before the handler
+EXIT_DIR = "JOB_EXIT_DIR"  # where each training process leaves its exit code (set by run_training)
+LAYOUT = ("num_machines", "machine_rank", "main_address", "main_port", "num_processes")
+
+# Variables the job reads besides its settings; the tests check every manifest and env file against them.
+ENVIRONMENT = {
+    "CONFIG_FILE": "YAML file of settings (keys as variables or field names)",
+    "HF_HOME": "Hugging Face cache: downloaded models and datasets, and the built-in tiny model",
+    "HF_TOKEN": "Hugging Face token (prefer HF_TOKEN_FILE)",
+    "HF_TOKEN_FILE": "file holding the Hugging Face token, e.g. a mounted Secret",
+    "HF_HUB_OFFLINE": "1: use the cache only, never the network",
+    "GLOO_SOCKET_IFNAME": "network interface for gloo (CPU) traffic between machines, e.g. eth0",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "NCCL error handling (PyTorch's)",
+    "PYTORCH_CUDA_ALLOC_CONF": "CUDA allocator options, e.g. expandable_segments:True",
+    "OMP_NUM_THREADS": "CPU threads per training process (set from the CPU count when unset)",
+    "TOKENIZERS_PARALLELISM": "Hugging Face tokenizers' own threads",
+    "WANDB_API_KEY": "with REPORT_TO=wandb", "WANDB_PROJECT": "with REPORT_TO=wandb",
+    "MLFLOW_TRACKING_URI": "with REPORT_TO=mlflow",
+}
+ENVIRONMENT_PREFIXES = ("NCCL_",)  # NCCL's own options: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, ...
+# Launcher variables of a parent environment that must not reach the training processes as they are.
+INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK",
+             "MASTER_ADDR", "MASTER_PORT")
+INHERITED_PREFIXES = ("PET_", "TORCHELASTIC_")
+
+
+def known_variable(name: str) -> bool:
+    """Whether the job reads this environment variable (a setting, or one of ENVIRONMENT)."""
+    settings = {env_name(f) for f in FIELDS.values()}
+    return name in settings or name in ENVIRONMENT or name.startswith(ENVIRONMENT_PREFIXES)
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class Topology:
+    """The machines and processes of one run, seen from this machine."""
+
+    num_machines: int
+    machine_rank: int
+    main_address: str
+    main_port: int
+    num_processes: int  # on each machine
+    device: str  # "cuda" or "cpu"
+    precision: str = "no"  # accelerate's --mixed_precision on CUDA: bf16 or fp16, as the trainer uses
+    sources: dict = field(default_factory=dict)  # layout field -> "settings" | "slurm" | "kubernetes" | ...
+
+    @property
+    def world_size(self) -> int:
+        return self.num_machines * self.num_processes
+
+    @property
+    def is_first_machine(self) -> bool:
+        return self.machine_rank == 0
+
+    def describe(self) -> dict:
+        return {"machines": self.num_machines, "machine_rank": self.machine_rank,
+                "processes_per_machine": self.num_processes, "world_size": self.world_size,
+                "main": f"{self.main_address}:{self.main_port}", "device": self.device,
+                "from": dict(self.sources)}
+
+
+def resolve(s: Settings, environ: dict | None = None, *, gpus: int | None = None, bf16: bool | None = None,
+            hostname: str | None = None, fqdn: str | None = None) -> Topology:
+    """The layout from the settings and the environment (see the module docstring for the order).
+
+    gpus, bf16, hostname and fqdn default to this machine's; tests pass them.
+    Raises ConfigError when the sources do not add up (every message says what to set).
+    """
+    env = os.environ if environ is None else environ
+    if gpus is None:
+        gpus = _visible_gpus()
+    if hostname is None:
+        hostname = socket.gethostname()
+    if fqdn is None:
+        fqdn = socket.getfqdn(hostname) if "JOB_COMPLETION_INDEX" in env else hostname
+    explicit = {name: getattr(s, name) for name in LAYOUT if getattr(s, name) is not None}
+    found: dict = {"settings": explicit}
+    for name, source in (("slurm", _slurm), ("kubernetes", lambda e: _kubernetes(e, hostname, fqdn)),
+                         ("torchrun", _torchrun)):
+        values = source(env)
+        if values is not None:
+            found[name] = values
+    chosen, sources = {}, {}
+    for name in LAYOUT:
+        for source, values in found.items():
+            if values.get(name) is not None:
+                chosen[name], sources[name] = values[name], source
+                break
+
+    if "slurm" in found and sources.get("num_machines") == "slurm":
+        _check_slurm_step(env, chosen["num_machines"])
+    if "kubernetes" in found and "num_machines" not in chosen:
+        raise ConfigError(f"JOB_COMPLETION_INDEX={env['JOB_COMPLETION_INDEX']} says this is a Kubernetes Indexed "
+                          "Job, but NUM_MACHINES is unset: set it to the Job's completions (k8s/multi-node does)")
+    machines = chosen.setdefault("num_machines", 1)
+    rank = chosen.setdefault("machine_rank", 0)
+    if not 0 <= rank < machines:
+        raise ConfigError(f"machine rank {rank} (from {sources.get('machine_rank', 'default')}) is not below the "
+                          f"number of machines {machines} (from {sources.get('num_machines', 'default')})")
+    if "main_address" not in chosen:
+        if machines > 1:
+            hint = (" and this pod has no DNS subdomain: set spec.template.spec.subdomain to the headless "
+                    "Service's name" if "kubernetes" in found else "")
+            raise ConfigError(f"{machines} machines but no MAIN_ADDRESS (the host name of machine 0){hint}")
+        chosen["main_address"] = "127.0.0.1"
+    if "main_port" not in chosen:
+        chosen["main_port"] = DEFAULT_PORT if machines > 1 else _free_port()
+    device = "cuda" if gpus > 0 else "cpu"
+    if "num_processes" not in chosen:
+        chosen["num_processes"], sources["num_processes"] = max(gpus, 1), "gpus" if gpus else "cpu"
+    if device == "cpu" and sources.get("num_processes") == "slurm":
+        raise ConfigError(f"Slurm gave this node {chosen['num_processes']} GPU(s) (SLURM_GPUS_ON_NODE) but PyTorch "
+                          "sees none: is the CUDA build of torch installed, CUDA_VISIBLE_DEVICES right? (Set "
+                          "NUM_PROCESSES to train on the CPUs anyway)")
+    if device == "cuda" and chosen["num_processes"] > gpus:
+        raise ConfigError(f"{chosen['num_processes']} processes per machine (from {sources['num_processes']}) but "
+                          f"this machine shows {gpus} GPU(s): set NUM_PROCESSES to at most {gpus}")
+    if device == "cpu" and s.strategy != "ddp":
+        raise ConfigError(f"STRATEGY={s.strategy} needs CUDA GPUs; on CPU the job trains with ddp (gloo) only")
+    if bf16 is None:
+        bf16 = device == "cuda" and _bf16_supported()
+    precision = ("bf16" if bf16 else "fp16") if device == "cuda" else "no"
+    return Topology(chosen["num_machines"], chosen["machine_rank"], str(chosen["main_address"]),
+                    int(chosen["main_port"]), int(chosen["num_processes"]), device, precision,
+                    {name: sources.get(name, "default") for name in LAYOUT})
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _int(value) -> int | None:
+    """An integer from a scheduler variable; None when unset or not a plain number (e.g. PET_NNODES=1:4)."""
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isdigit() else None
+
+
+def _slurm(env) -> dict | None:
+    if "SLURM_JOB_ID" not in env:
+        return None
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    job_id, restarts = _int(env["SLURM_JOB_ID"]) or 0, _int(env.get("SLURM_RESTART_COUNT")) or 0
+    return {
+        "num_machines": _int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")),
+        "machine_rank": _int(env.get("SLURM_NODEID")),
+        "main_address": first_host(nodelist) if nodelist else None,
+        # jobs sharing a node get different ports; a requeued job does not wait for its old one to close
+        "main_port": 20000 + (job_id * 10 + restarts) % 10000,
+        "num_processes": _int(env.get("SLURM_GPUS_ON_NODE")) or None,
+    }
+
+
+def _check_slurm_step(env, nodes: int) -> None:
+    """Refuse the launches that hang at the rendezvous: one node started, or several launchers per node."""
+    step = env.get("SLURM_STEP_ID")
+    if step is None or not step.isdigit():
+        if nodes > 1:
+            raise ConfigError(f"this Slurm job has {nodes} nodes but `job run` runs outside an srun step (in the batch "
+                              "script itself), so the other nodes would never join: start it as `srun "
+                              "--ntasks-per-node=1 job run` (slurm/train.sbatch does)")
+        return
+    step_nodes = _int(env.get("SLURM_STEP_NUM_NODES")) or nodes
+    tasks = _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")) or step_nodes
+    if step_nodes != nodes:
+        raise ConfigError(f"the srun step spans {step_nodes} of the job's {nodes} nodes: run it on all of them "
+                          f"(srun --nodes={nodes} --ntasks-per-node=1 job run)")
+    if tasks != step_nodes:
+        raise ConfigError(f"srun started {tasks} tasks on {step_nodes} node(s); `job run` starts every process of "
+                          "its node itself, so it needs exactly one task per node (srun --ntasks-per-node=1)")
+
+
+def _kubernetes(env, hostname: str, fqdn: str) -> dict | None:
+    index = _int(env.get("JOB_COMPLETION_INDEX"))
+    if index is None:
+        return None
+    found = {"machine_rank": index}
+    # An Indexed Job's pods are named <job>-<index>; with spec.subdomain set to a headless Service their
+    # DNS name is <job>-<index>.<subdomain>.<namespace>.svc.<cluster domain>.
+    suffix = f"-{index}"
+    if hostname.endswith(suffix) and fqdn.startswith(hostname + "."):
+        found["main_address"] = hostname[: -len(suffix)] + "-0" + fqdn[len(hostname):]
+    return found
+
+
+def _torchrun(env) -> dict | None:
+    if not any(name in env for name in ("PET_NNODES", "PET_MASTER_ADDR", "MASTER_ADDR")):
+        return None
+    if "PET_NNODES" in env or "PET_MASTER_ADDR" in env:  # Kubeflow Trainer: torchrun's own variables
+        nnodes = str(env.get("PET_NNODES", "")).rpartition(":")[2]  # "2" or an elastic range "1:2"
+        return {"num_machines": _int(nnodes), "machine_rank": _int(env.get("PET_NODE_RANK")),
+                "main_address": env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR"),
+                "main_port": _int(env.get("PET_MASTER_PORT") or env.get("MASTER_PORT")),
+                "num_processes": _int(env.get("PET_NPROC_PER_NODE"))}
+    return {"num_machines": _int(env.get("WORLD_SIZE")),
+            "machine_rank": _int(env.get("NODE_RANK") or env.get("GROUP_RANK") or env.get("RANK")),
+            "main_address": env.get("MASTER_ADDR"), "main_port": _int(env.get("MASTER_PORT"))}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list ("gpu[03-04,07],cpu1" -> "gpu03"), as `scontrol show hostnames`
+    prints it first; pure Python, so it also works inside a container without Slurm's tools."""
+    return next(expand_hostlist(nodelist))
+
+
+def expand_hostlist(nodelist: str):
+    """Every host of a Slurm host list, in order ("n[1-2]-ib,m" -> n1-ib, n2-ib, m)."""
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        parts = re.split(r"\[([^\]]*)\]", item)  # literal, ranges, literal, ranges, ..., literal
+        choices = [[text] if i % 2 == 0 else list(_ranges(text)) for i, text in enumerate(parts)]
+        for combination in itertools.product(*choices):
+            yield "".join(combination)
+
+
+def _ranges(text: str):
+    for piece in text.split(","):
+        low, _, high = piece.partition("-")
+        if not high:
+            yield low
+            continue
+        for number in range(int(low), int(high) + 1):
+            yield str(number).zfill(len(low))
+
+
+# -------------------------------------------------------------------------------------------- command
+
+def command(s: Settings, t: Topology, python: str = sys.executable) -> list[str]:
+    """The command that starts this machine's training processes."""
+    if t.device == "cuda":
+        config = CONFIGS / f"{s.strategy}.yaml"
+        cmd = [python, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_machines", str(t.num_machines), "--machine_rank", str(t.machine_rank),
+               "--main_process_ip", t.main_address, "--main_process_port", str(t.main_port),
+               "--num_processes", str(t.world_size), "--mixed_precision", t.precision,
+               "--rdzv_conf", f"timeout={RENDEZVOUS_TIMEOUT}", "--max_restarts", "0"]
+        if s.strategy.startswith("zero"):
+            cmd += ["--deepspeed_config_file", str(CONFIGS / f"{s.strategy}.json")]
+        return cmd + ["-m", "job", "train"]
+    if t.world_size > 1:
+        return [python, "-m", "torch.distributed.run", "--nnodes", str(t.num_machines),
+                "--node-rank", str(t.machine_rank), "--nproc-per-node", str(t.num_processes),
+                "--master-addr", t.main_address, "--master-port", str(t.main_port),
+                "--rdzv-conf", f"timeout={RENDEZVOUS_TIMEOUT}", "--max-restarts", "0", "-m", "job", "train"]
+    return [python, "-m", "job", "train"]
 
 
 def settings_env(s: Settings) -> dict[str, str]:
@@ -23,29 +317,132 @@ def settings_env(s: Settings) -> dict[str, str]:
     return {env_name(f): "" if getattr(s, f.name) is None else str(getattr(s, f.name)) for f in FIELDS.values()}
 
 
-def training_command(s: Settings) -> list[str]:
-    return [sys.executable, "-m", "job", "train"]
+def child_env(s: Settings, t: Topology, exit_dir: str, environ: dict | None = None) -> dict[str, str]:
+    env = {name: value for name, value in (os.environ if environ is None else environ).items()
+           if name not in INHERITED and not name.startswith(INHERITED_PREFIXES) and name != "CONFIG_FILE"}
+    env.update(settings_env(s))
+    env[EXIT_DIR] = exit_dir
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE))
+    if t.device == "cpu" and t.num_processes > 1:  # torchrun would give each process one thread
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.num_processes)))
+    return env
 
 
-def run_training(s: Settings) -> int:
-    """Run the training stage to completion and return its exit code, forwarding stop signals."""
-    env = {**os.environ, **settings_env(s)}
-    env.pop("CONFIG_FILE", None)
-    command = training_command(s)
-    log.info("starting training: %s", " ".join(command))
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+# ------------------------------------------------------------------------------------------- running
 
-    def forward(signum, frame):
-        log.warning("received %s: passing it to training", signal.Signals(signum).name)
-        os.killpg(child.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+def run_training(s: Settings, where: Topology | None = None) -> int:
+    """Run this machine's training processes to the end and return their exit code (0, 75 preempted, ...)."""
+    where = where or resolve(s)
+    cmd = command(s, where)
+    exit_dir = tempfile.mkdtemp(prefix="job-exit-")
+    launcher = cmd[1:3] != ["-m", "job"]  # accelerate/torchrun between us and the training processes
+    log.info("machine %d of %d (%s), %d process(es) of %d: %s", where.machine_rank, where.num_machines,
+             where.device, where.num_processes, where.world_size, " ".join(cmd))
+    # SIGUSR1 (Slurm's --signal) would kill torchrun, which has no handler for it; ignored there, it is
+    # inherited as ignored until the training process installs its own handler (GuardCallback).
+    child = subprocess.Popen(cmd, env=child_env(s, where, exit_dir), start_new_session=True,
+                             preexec_fn=_ignore_usr1 if launcher else None)
+    stop = _Stopper(child, launcher)
+    previous = {sig: signal.signal(sig, stop.request) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        code = child.wait()
+        while True:
+            try:
+                code = child.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                stop.resend()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code < 0:  # killed by a signal it did not handle: treat as preemption, a rerun resumes
-        log.error("training was killed by %s", signal.Signals(-code).name)
-        return EXIT_PREEMPTED
-    return code
+        ranks = read_exit_codes(exit_dir)
+        shutil.rmtree(exit_dir, ignore_errors=True)
+    result = outcome(code, ranks, stop.signum)
+    if result != errors.EXIT_OK:
+        log.error("training ended with exit code %d (launcher %d, processes %s%s)", result, code,
+                  ranks or "none reported", f", after {signal.Signals(stop.signum).name}" if stop.signum else "")
+    return result
+
+
+def _ignore_usr1():
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+class _Stopper:
+    """Passes stop signals to the training processes (not to the launcher between, which would kill them)."""
+
+    def __init__(self, child: subprocess.Popen, launcher: bool):
+        self.child, self.launcher = child, launcher
+        self.signum = 0
+        self.sent_at = 0.0
+        self.forced = False
+
+    def request(self, signum, frame):
+        if signum == signal.SIGINT and self.signum:  # a second Ctrl-C: stop now, no checkpoint
+            self.forced = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGKILL)
+            return
+        forward = signal.SIGTERM if signum == signal.SIGINT else signum
+        log.warning("received %s: asking training to checkpoint and stop", signal.Signals(signum).name)
+        self.signum = self.signum or forward
+        self._send()
+
+    def resend(self):
+        if self.signum and not self.forced and time.monotonic() - self.sent_at > RESEND_SECONDS:
+            self._send()
+
+    def _send(self):
+        self.sent_at = time.monotonic()
+        for pid in self.training_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, self.signum)
+
+    def training_processes(self) -> list[int]:
+        if not self.launcher:
+            return [self.child.pid]
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(self.child.pid).children()]
+        except psutil.Error:
+            return []
+
+
+def outcome(code: int, ranks: dict[int, int], signum: int = 0) -> int:
+    """The exit code of `job run`'s training stage from the launcher's code, the processes' own codes
+    (rank -> code) and the stop signal received, if any."""
+    if code == errors.EXIT_OK:
+        return errors.EXIT_OK
+    if code == errors.EXIT_PREEMPTED or errors.EXIT_PREEMPTED in ranks.values() or signum or code < 0:
+        return errors.EXIT_PREEMPTED  # a checkpoint was written (or the last one stands): rerun to resume
+    if errors.EXIT_BAD_INPUT in ranks.values():
+        return errors.EXIT_BAD_INPUT
+    return ranks[min(ranks)] if ranks else code
+
+
+def read_exit_codes(directory: str) -> dict[int, int]:
+    codes = {}
+    for path in Path(directory).glob("rank-*"):
+        with contextlib.suppress(ValueError, OSError):
+            codes[int(path.name[5:])] = int(path.read_text().strip())
+    return codes
+
+
+@contextlib.contextmanager
+def reporting_exit_code():
+    """Around the training stage in each training process: leave its exit code in JOB_EXIT_DIR."""
+    try:
+        yield
+    except errors.JobError as error:
+        _report(error.exit_code)
+        raise
+    except Exception:
+        _report(errors.EXIT_UNEXPECTED)
+        raise
+
+
+def _report(code: int) -> None:
+    directory = os.environ.get(EXIT_DIR)
+    if directory:
+        with contextlib.suppress(OSError):
+            Path(directory, f"rank-{os.environ.get('RANK', '0')}").write_text(f"{code}\n")

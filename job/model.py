@@ -43,6 +43,7 @@ def build_tiny(root: Path | None = None) -> Path:
     to a temporary directory and renamed, so concurrent ranks never see half a model.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from safetensors.torch import save_model
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     root = root or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "job"
@@ -72,7 +73,10 @@ def build_tiny(root: Path | None = None) -> Path:
         # could bring the loss below ~3.6; a pretrained model's output layer has no such cap.
         model.lm_head.weight.mul_(10)
     model = model.to(torch.bfloat16)
-    model.save_pretrained(staging)
+    # not model.save_pretrained: once torch.distributed is up it writes on global rank 0 only, and another
+    # rank's weightless copy could win the rename below
+    config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(staging)
     try:
         staging.rename(target)
@@ -105,14 +109,33 @@ def quantization_config(s: Settings):
     return None
 
 
-def load_model(s: Settings, path: str, *, quantized: bool = True, device_map=None):
-    """The base model for training (quantized as QUANTIZATION says) or for merging (16-bit)."""
+def load_model(s: Settings, path: str, *, quantized: bool = True, device_map=None, attn_implementation=None):
+    """The base model for training (quantized as QUANTIZATION says) or for merging (16-bit).
+
+    attn_implementation: the kernel job.speed chose ("varlen" is registered with transformers first)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if attn_implementation:
+        from job import speed
+
+        speed.register_attention()
+        extra["attn_implementation"] = attn_implementation
+    quantization = quantization_config(s) if quantized else None
+    if quantization is not None and isinstance(device_map, dict) and "cpu" in device_map.values():
+        # frozen 16-bit embeddings kept in CPU memory (job.speed's OFFLOAD_EMBEDDINGS); a checkpoint quantized
+        # already brings its own quantization config, which must say so too
+        quantization.llm_int8_enable_fp32_cpu_offload = True
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+        if isinstance(getattr(config, "quantization_config", None), dict):
+            config.quantization_config["llm_int8_enable_fp32_cpu_offload"] = True
+            extra["config"] = config
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=compute_dtype(), quantization_config=quantization_config(s) if quantized else None,
-            device_map=device_map, trust_remote_code=s.trust_remote_code)
+            path, dtype=compute_dtype(), quantization_config=quantization,
+            device_map=device_map, trust_remote_code=s.trust_remote_code, **extra)
     except OSError as error:
         raise ConfigError(f"BASE_MODEL={s.base_model}: cannot load the model: {error}") from None
 

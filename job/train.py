@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from job import checkpoint, data, model
+from job import checkpoint, data, longctx, model, speed
 from job.checkpoint import Layout
 from job.config import Settings
 from job.errors import Preempted, TrainingFailed
@@ -32,7 +32,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Kubernetes eviction / spot re
 def train(s: Settings) -> dict:
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, PartialState() sees one process, not gloo's
     layout = Layout(s.output)
     if checkpoint.is_complete(layout.adapter):
         log.info("training already finished: %s", layout.adapter)
@@ -41,8 +41,8 @@ def train(s: Settings) -> dict:
 
     path = model.resolve(s.base_model)
     tokenizer = model.load_tokenizer(s, path)
-    base = model.load_model(s, path, device_map=_device_map(state))
-    prepared = data.load(s, tokenizer, base.config.model_type, layout.cache, state)
+    levers = speed.setup(s, path)
+    prepared = data.load(s, tokenizer, _model_type(s, path), layout.cache, state)
     if state.is_main_process:
         checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
         shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
@@ -54,9 +54,7 @@ def train(s: Settings) -> dict:
     has_eval = prepared.eval is not None
     args = SFTConfig(
         output_dir=str(layout.checkpoints),
-        per_device_train_batch_size=s.micro_batch_size,
         per_device_eval_batch_size=s.micro_batch_size,
-        gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.learning_rate,
         lr_scheduler_type=s.lr_scheduler,
         warmup_steps=s.warmup_ratio,
@@ -65,8 +63,7 @@ def train(s: Settings) -> dict:
         max_length=s.max_length,
         packing=s.packing,
         padding_free=s.packing,
-        gradient_checkpointing=s.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        **speed.sft_arguments(levers),  # micro batch, accumulation, recomputation, data loader
         bf16=model.compute_dtype() == torch.bfloat16,
         fp16=model.compute_dtype() == torch.float16,
         use_cpu=not torch.cuda.is_available(),
@@ -83,10 +80,16 @@ def train(s: Settings) -> dict:
         ddp_timeout=3 * 3600,  # rank 0 may be saving or tokenizing while others wait
         dataset_num_proc=None,
     )
+    # after the SFTConfig: under ZeRO-3 it makes from_pretrained shard the weights as they load
+    base = model.load_model(s, path, device_map=speed.device_map(levers, path, _device_map(s, state)),
+                            attn_implementation=levers.attn_implementation)
+    speed.prepare_base(base, levers)
     trainer = AtomicCheckpointTrainer(
         model=base, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
         processing_class=tokenizer, peft_config=model.lora_config(s, base), callbacks=[guard, ProgressCallback()])
     trainer.keep_checkpoints = s.save_total_limit
+    speed.prepare_adapted(trainer.model, levers)
+    longctx.apply(trainer, s, levers, prepared.stats)  # long-context mode when on (docs/long-context.md)
     resume = checkpoint.latest_checkpoint(layout.checkpoints)
     log.info("%s (rows: %d train, %d eval; %s)", f"resuming from {resume.name}" if resume else "starting",
              prepared.stats["train_rows"], prepared.stats["eval_rows"], _params(trainer.model))
@@ -106,9 +109,15 @@ def train(s: Settings) -> dict:
         "data": prepared.stats,
         "data_fingerprint": prepared.fingerprint,
     }
+    staging = layout.root / ".adapter.staging"
     if state.is_main_process:
-        staging = layout.root / ".adapter.staging"
-        trainer.save_model(str(staging))
+        shutil.rmtree(staging, ignore_errors=True)  # a save cut off by a kill
+    state.wait_for_everyone()
+    if trainer.is_fsdp_enabled:  # the adapter as one file, not per-rank shards
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(staging))  # every rank: under FSDP and ZeRO-3 the weights are gathered from all
+    if state.is_main_process:
+        check_adapter(staging)
         tokenizer.chat_template = prepared.chat_template
         tokenizer.save_pretrained(staging)
         checkpoint.write_json(staging / "job.json", {"end_of_turn_id": prepared.end_of_turn_id,
@@ -121,9 +130,34 @@ def train(s: Settings) -> dict:
     return metrics
 
 
-def _device_map(state):
-    # QLoRA under DDP needs each rank's copy of the quantized weights on its own GPU
-    return {"": state.local_process_index} if torch.cuda.is_available() else None
+def _device_map(s: Settings, state):
+    # QLoRA under DDP and ZeRO-2 needs each rank's copy of the quantized weights on its own GPU; ZeRO-3
+    # places them itself (and refuses a device map); under FSDP they load on the current GPU (rank 0 only,
+    # with cpu_ram_efficient_loading) and FSDP shards them from there
+    if not torch.cuda.is_available() or s.strategy in ("fsdp", "zero3"):
+        return None
+    return {"": state.local_process_index}
+
+
+def _model_type(s: Settings, path: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code).model_type
+
+
+def check_adapter(directory: Path) -> None:
+    """Fail loudly on an adapter saved without its weights (ZeRO-3 and FSDP can write empty tensors)."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("adapter_model*.safetensors"))
+    if not files:
+        raise TrainingFailed(f"no adapter weights were saved in {directory}")
+    with safe_open(str(files[0]), framework="pt") as weights:
+        names = list(weights.keys())
+        empty = [n for n in names if not weights.get_slice(n).get_shape() or 0 in weights.get_slice(n).get_shape()]
+    if not names or empty:
+        raise TrainingFailed(f"the saved adapter {files[0]} has {len(names)} tensors, {len(empty)} of them empty "
+                             f"(e.g. {(empty or ['-'])[0]}): the strategy did not gather the weights before saving")
 
 
 def _params(peft_model) -> str:

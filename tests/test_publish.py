@@ -213,7 +213,7 @@ def test_push_asked_without_token_fails_fast_with_exit_2(tmp_path, monkeypatch, 
     monkeypatch.setenv("HUB_MODEL_ID", REPO)
     import job.launch
 
-    monkeypatch.setattr(job.launch, "run_training", lambda s: pytest.fail("trained without a token"))
+    monkeypatch.setattr(job.launch, "run_training", lambda *a: pytest.fail("trained without a token"))
     for command in ("run", "push"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command])
