@@ -13,7 +13,7 @@ import uuid
 
 import torch
 
-from job import checkpoint, data, model, publish
+from job import checkpoint, data, longctx, model, publish, speed
 from job.checkpoint import Layout
 from job.config import Settings
 from job.errors import ConfigError
@@ -48,8 +48,12 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
+    levers = speed.choose(s, speed.Shape.of(config), speed.probe(s.gpu_memory_gib))
     tokenizer = model.load_tokenizer(s, path)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
+    long = longctx.plan(s, speed.Shape.of(config), speed.probe(s.gpu_memory_gib), prepared.stats, levers=levers,
+                        config=config)
+    longctx.check_fits(long, s)  # refuses a length that cannot fit, naming the longest that would
     checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
 
     first = prepared.train[0]
@@ -70,7 +74,10 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
         "sample_legend": "text in [brackets] is trained on (the answer and its end-of-turn token)",
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
         "planned_steps": s.max_steps if s.max_steps > 0 else math.ceil(steps_per_epoch * s.epochs),
-        "estimated_gpu_gib": round(estimate_gpu_gib(s, skeleton, config), 1),
+        "estimated_gpu_gib": (levers.estimated_peak_gib if levers.device != "cpu"
+                              else round(estimate_gpu_gib(s, skeleton, config, levers.checkpointing != "none"), 1)),
+        "speed_levers": levers.summary(),  # what job.speed chose for this card and model, and why
+        "long_context": long.summary(),  # mode, peak GPU/CPU estimate, longest that fits, RoPE warning
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "push": s.hub_model_id,
         "output_dir": str(layout.root.resolve()),
@@ -93,7 +100,7 @@ def _runs(input_ids, labels):
         yield run, trained
 
 
-def estimate_gpu_gib(s: Settings, skeleton, config) -> float:
+def estimate_gpu_gib(s: Settings, skeleton, config, recompute: bool = True) -> float:
     """Rough peak: frozen weights + LoRA with Adam state + activations of one micro-batch."""
     embeddings = sum(p.numel() for n, p in skeleton.named_parameters() if "embed" in n or "lm_head" in n)
     body = sum(p.numel() for p in skeleton.parameters()) - embeddings
@@ -101,6 +108,6 @@ def estimate_gpu_gib(s: Settings, skeleton, config) -> float:
     hidden, layers = config.hidden_size, config.num_hidden_layers
     lora = layers * 7 * s.lora_r * 2 * hidden * 16  # fp32 weights, grads, two Adam moments
     tokens = s.max_length * s.micro_batch_size
-    per_layer = 2 * hidden * (2 if s.gradient_checkpointing else 34)
+    per_layer = 2 * hidden * (2 if recompute else 34)
     activations = tokens * layers * per_layer + tokens * config.vocab_size * 4
     return (weights + lora + activations) / 2**30 + 0.5

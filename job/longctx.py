@@ -1,0 +1,1080 @@
+"""Long-context mode: one sequence of a few hundred thousand tokens on one GPU.
+
+At 262,144 tokens of a Llama-3-8B shape, what stock QLoRA keeps on the GPU is far more than 80 GB: each
+decoder layer's recompute checkpoint alone is 2 GiB (32 layers: 64 GiB), the MLP's 14,336-wide
+intermediates are 7 GiB each, and full logits would be 64 GiB in bf16. This mode keeps none of them there:
+
+    checkpoints   each layer's checkpoint (its input) goes to pinned CPU memory on a side CUDA stream while the
+                  forward goes on, and comes back one layer ahead of the backward that needs it (prefetch), so
+                  the GPU does not wait on PCIe. Hand-written: TRL's OffloadActivations and transformers'
+                  save_on_cpu copy back only when autograd asks, on the compute stream.
+    MLP, norms    run in token chunks by `_TokenChunks`: the forward keeps only the input, the backward
+                  recomputes one chunk at a time (exact: both are per token). Inside a recomputed layer the MLP's
+                  forward is skipped altogether (its output is not needed to rebuild what backward reads), so
+                  chunking costs no extra FLOPs there.
+    loss          TRL 1.16's fused LM head (SFTTrainer's default) already scores 4,096 tokens x 32,768 vocab
+                  tiles without the full logits: used as is.
+    attention     flash attention over cu_seqlens (job.speed's "varlen": linear memory, packed samples kept
+                  apart). With host memory to spare, the attention output and its log-sum-exp are offloaded
+                  too, so the recompute does not run the attention forward a second time.
+    RoPE          a length past the model's trained context is warned about (`rope_note`); positions are what
+                  the model's RoPE settings give.
+
+`decide` picks the mode (LONG_CONTEXT=auto|on|off), `plan` estimates peak GPU and CPU memory and refuses a
+length that cannot fit (naming the longest that would), `apply` installs the mode on a built SFTTrainer.
+`python -m job.longctx trial|search` runs one training step of one sequence / finds the longest that trains
+(`job bench --max-length max` calls the search).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from job.errors import ConfigError
+
+log = logging.getLogger("job.longctx")
+GiB = 2**30
+AUTO_TOKENS = 65536          # auto turns the mode on from this many tokens in one micro-batch
+MLP_CHUNK = 8192             # tokens per MLP chunk at a 14,336-wide intermediate (scaled for others)
+NORM_CHUNK = 32768           # tokens per RMSNorm chunk (fp32 temporaries)
+HOST_SHARE = 0.85            # of the host's available memory, what the pinned buffers may take
+CACHE_HOST_SHARE = 0.40      # the attention-output cache only when everything pinned stays under this share
+GPU_OVERHEAD_GIB = 0.6       # cuBLAS workspaces, the fused head's tiles, allocator slack
+HOST_BASE_GIB = 5.0          # the training process itself (Python, torch, CUDA context, tokenizer, data)
+# Families whose decoder layer ends in `residual + mlp(post_attention_layernorm(h))`: nothing after the MLP saves
+# anything, so the recompute may skip the MLP's forward.
+SKIP_MLP_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "granite"}
+
+
+# ------------------------------------------------------------------------------------------------ deciding
+
+@dataclass
+class Plan:
+    on: bool
+    why: str
+    tokens: int                      # tokens in one micro-batch (one sequence at batch 1)
+    gpu_gib: float = 0.0             # estimated peak GPU memory of a step (allocator, CUDA context excluded)
+    host_gib: float = 0.0            # estimated peak CPU memory of the training process
+    pinned_gib: float = 0.0          # of which pinned buffers for offloaded activations
+    attention_cache: bool = False    # attention outputs offloaded too (no attention forward in the recompute)
+    longest: int = 0                 # the longest sequence that fits this GPU and host, in this mode
+    gpu_budget_gib: float = 0.0
+    host_budget_gib: float = 0.0
+    rope: str | None = None          # warning when the length is past the trained context
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def micro_batch_tokens(s, stats: dict | None, micro_batch_size: int | None = None) -> int:
+    """Tokens in the largest micro-batch: packed rows fill MAX_LENGTH; unpacked ones are as long as the data."""
+    rows = micro_batch_size or s.micro_batch_size
+    longest = s.max_length
+    if stats:
+        if s.packing and stats.get("train_tokens"):
+            longest = min(s.max_length, int(stats["train_tokens"]))
+        elif not s.packing and stats.get("tokens_max"):
+            longest = min(s.max_length, int(stats["tokens_max"]))
+    return rows * longest
+
+
+def host_budget_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / GiB
+
+
+def plan(s, shape, device, stats: dict | None = None, *, levers=None, host_gib: float | None = None,
+         config=None) -> Plan:
+    """Whether the mode is on, and what a step needs in it: GPU and CPU memory, the longest that fits."""
+    tokens = micro_batch_tokens(s, stats, getattr(levers, "micro_batch_size", None))
+    host = host_budget_gib() if host_gib is None else host_gib
+    cuda = getattr(device, "cuda", False)
+    if s.long_context == "off":
+        on, why = False, "LONG_CONTEXT=off"
+    elif s.long_context == "on":
+        on, why = True, "LONG_CONTEXT=on"
+    elif not cuda:
+        on, why = False, "auto: CPU training; GPU memory is not the limit"
+    elif tokens >= AUTO_TOKENS:
+        on, why = True, f"auto: {tokens:,} tokens in one micro-batch (>= {AUTO_TOKENS:,})"
+    elif levers is not None and levers.estimated_peak_gib > device.budget_gib * 0.9:
+        on, why = True, (f"auto: the plain path needs ~{levers.estimated_peak_gib:.0f} GiB of "
+                         f"{device.budget_gib:.0f} GiB")
+    else:
+        on, why = False, f"auto: {tokens:,} tokens per micro-batch fit the plain path"
+    liger = bool(getattr(levers, "liger", False))
+    lora_kernel = bool(getattr(levers, "lora_kernel", False))
+    p = Plan(on=on, why=why, tokens=tokens, gpu_budget_gib=round(getattr(device, "budget_gib", 0.0), 1),
+             host_budget_gib=round(host, 1))
+    p.attention_cache = on and cuda and _pinned_gib(shape, tokens, True) + HOST_BASE_GIB <= host * CACHE_HOST_SHARE
+    gpu = estimate_gpu_gib(shape, s, tokens, liger=liger, lora_kernel=lora_kernel, cache=p.attention_cache)
+    p.pinned_gib = round(_pinned_gib(shape, tokens, p.attention_cache), 1)
+    p.gpu_gib, p.host_gib = round(gpu, 1), round(p.pinned_gib + HOST_BASE_GIB, 1)
+    if on:
+        p.longest = longest_fitting(shape, s, device.budget_gib if cuda else math.inf, host,
+                                    liger=liger, lora_kernel=lora_kernel)
+    if config is not None:
+        p.rope = rope_note(config, tokens)
+    return p
+
+
+def check_fits(p: Plan, s) -> None:
+    """Refuse, before any weight is loaded, a length the long-context mode cannot fit."""
+    if not p.on or not p.gpu_budget_gib:
+        return
+    gpu_short = p.gpu_gib > p.gpu_budget_gib * 0.95
+    host_short = p.host_gib > p.host_budget_gib * HOST_SHARE
+    if gpu_short or host_short:
+        what = []
+        if gpu_short:
+            what.append(f"~{p.gpu_gib:.0f} GiB of GPU memory ({p.gpu_budget_gib:.0f} GiB free)")
+        if host_short:
+            what.append(f"~{p.host_gib:.0f} GiB of CPU memory ({p.host_budget_gib:.0f} GiB available)")
+        longest = (f"the longest that fits here is MAX_LENGTH={p.longest // max(1, s.micro_batch_size)} "
+                   f"at MICRO_BATCH_SIZE={s.micro_batch_size}" if p.longest >= 1024 else
+                   "nothing of useful length fits here")
+        raise ConfigError(f"MAX_LENGTH={s.max_length} x MICRO_BATCH_SIZE={s.micro_batch_size} "
+                          f"({p.tokens:,} tokens per micro-batch) in long-context mode needs {' and '.join(what)}; "
+                          f"{longest}")
+
+
+# ------------------------------------------------------------------------------------------ memory model
+
+def _pow2(nbytes: float) -> float:
+    return float(2 ** math.ceil(math.log2(max(1.0, nbytes))))
+
+
+def _pinned_gib(shape, tokens: int, cache: bool) -> float:
+    """Pinned CPU memory: one checkpoint (tokens x hidden, bf16) per layer, and with the attention cache its
+    output and log-sum-exp. Buffers are sized exactly when cudaHostRegister works (else rounded to 2^k)."""
+    per_layer = _pinned_round(tokens * shape.hidden * 2)
+    if cache:
+        per_layer += _pinned_round(tokens * shape.q * 2) + _pinned_round(tokens * shape.heads * 4)
+    return shape.layers * per_layer / GiB
+
+
+def _pinned_round(nbytes: float) -> float:
+    return nbytes if PINNED_EXACT else _pow2(nbytes)
+
+
+PINNED_EXACT = os.environ.get("JOB_LONGCTX_PIN", "register") == "register"
+
+
+def mlp_chunk(shape) -> int:
+    return max(1024, MLP_CHUNK * 14336 // max(1, shape.intermediate) // 1024 * 1024)
+
+
+def estimate_gpu_gib(shape, s, tokens: int, *, liger: bool, lora_kernel: bool, cache: bool) -> float:
+    """Peak GPU memory of one step in long-context mode (the CUDA context excluded).
+
+    Static: frozen weights, the adapter with its Adam state, dequantized weights in flight. Then the largest of
+    three phases, per token: the attention backward of one recomputed layer (its input, normed input, q k v,
+    attention output, dropout masks; the gradients, flash's fp32 dq accumulator and GQA's expanded dk/dv; the
+    next layer's prefetched checkpoint and attention output), the MLP backward of that layer (the same kept
+    tensors, the residual and its norm, one chunk's working set) and the LM head (TRL's fused head: the hidden
+    states, a copy of the scored ones, an fp32 gradient of them; one logits tile).
+    """
+    from job.speed import WEIGHT_BYTES
+
+    h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    static = shape.linear_params * WEIGHT_BYTES[s.quantization]
+    static += shape.embedding_params * 2 * (1 if shape.tied else 2)
+    static += shape.lora_params(s.lora_r) * 16
+    static += 2 * 2 * h * i                                        # dequantized weights in flight
+    kept = 2 * (2 * h + 2 * q + 2 * kv) + 4 * shape.heads          # x, normed x, q, k, v, out; lse
+    if s.lora_dropout > 0:
+        kept += (3 * h + q) * (1 if lora_kernel else 3)            # bool masks (+ PEFT's dropped copies)
+    prefetch = 2 * h + (2 * q + 4 * shape.heads if cache else 0)
+    gqa = 4 * q if kv != q else 0
+    attention = kept + prefetch + 2 * h + 2 * q * 2 + 4 * kv + 4 * q + gqa   # dh, dout, dq, dk dv, fp32 dq, GQA
+    chunk = min(tokens, mlp_chunk(shape))
+    mlp_work = chunk * (2 * 3 * i + i + 2 * 3 * i + 2 * 2 * h)     # gate, up, product, masks, their grads
+    mlp = tokens * (kept + prefetch + 3 * 2 * h) + mlp_work        # + residual, normed residual, dh
+    norm_work = 0 if liger else min(tokens, NORM_CHUNK) * h * 4 * 3
+    head = tokens * (2 * h * 4 + 4 * h) + 4096 * 32768 * 2
+    peak = max(tokens * attention, mlp + norm_work, head) * 1.10
+    return (static + peak) / GiB + GPU_OVERHEAD_GIB
+
+
+def longest_fitting(shape, s, gpu_budget_gib: float, host_gib: float, *, liger: bool, lora_kernel: bool,
+                    granularity: int = 1024) -> int:
+    """The longest micro-batch (tokens) whose estimates fit both the GPU budget and the host."""
+    def fits(tokens: int) -> bool:
+        cache = _pinned_gib(shape, tokens, True) + HOST_BASE_GIB <= host_gib * CACHE_HOST_SHARE
+        gpu = estimate_gpu_gib(shape, s, tokens, liger=liger, lora_kernel=lora_kernel, cache=cache)
+        host = _pinned_gib(shape, tokens, cache) + HOST_BASE_GIB
+        return gpu <= gpu_budget_gib * 0.95 and host <= host_gib * HOST_SHARE
+
+    lo, hi = 0, granularity
+    while fits(hi) and hi < 2**26:
+        lo, hi = hi, hi * 2
+    while hi - lo > granularity:
+        mid = (lo + hi) // 2 // granularity * granularity
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def rope_note(config, tokens: int) -> str | None:
+    """A warning when the sequence is longer than the context the model was trained on."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    trained = getattr(config, "max_position_embeddings", None)
+    if not trained or tokens <= trained:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        rope = dict(getattr(rope, "__dict__", {}))
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    how = {"dynamic": "dynamic NTK scaling stretches the positions past it",
+           "yarn": "YaRN scaling as configured; positions past its extended range are extrapolated",
+           "longrope": "LongRoPE as configured; positions past its range are extrapolated",
+           "llama3": "Llama-3 RoPE scaling as configured; positions past it are extrapolated"}.get(
+        kind, "positions past it are extrapolated with the same RoPE frequencies (no scaling configured)")
+    return (f"sequences of {tokens:,} tokens are {tokens / trained:.1f}x the {trained:,} positions this model was "
+            f"trained on (RoPE {kind}, theta {theta}): {how}; expect the model to need the training to learn them, "
+            f"or set rope scaling (e.g. yarn, factor {math.ceil(tokens / trained)}) in the model's config.json")
+
+
+# --------------------------------------------------------------------------------------- offloading
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _Entry:
+    tag: int
+    shape: torch.Size
+    dtype: torch.dtype
+    host: torch.Tensor | None = None     # pinned copy (or, simulated on CPU, a clone)
+    d2h: object = None
+    gpu: torch.Tensor | None = None      # brought back (prefetched) copy
+    h2d: object = None
+
+
+class _Handle:
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+
+class Offloader:
+    """Tensors to pinned CPU memory on a side stream, back one layer ahead of need.
+
+    `put(key, tag, t)` starts the device-to-host copy after the work already queued that produces `t`, and lets
+    the caching allocator reuse `t`'s memory once the copy is done (record_stream). `take(key)` returns the tensor
+    on the GPU (waiting for its copy back, usually already done) and starts bringing back every entry of tag - 1:
+    backward runs the layers in reverse, so while layer t computes, layer t - 1's tensors come back. Pinned
+    buffers are kept per slot (kind, layer) and reused every step. On CPU (the tests) the copies are clones.
+    """
+
+    def __init__(self, device: torch.device, *, simulate: bool = False):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.simulate = simulate or not self.cuda
+        self.entries: dict = {}
+        self.slabs: dict = {}
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pinned_bytes = 0
+        self.pin_seconds = 0.0
+        self.pin_method = "clone" if self.simulate else None
+        self.counters = {"put": 0, "take": 0, "prefetched": 0, "waited": 0}
+        self.min_bytes = 0 if self.simulate else 2**20  # only checkpoints travel: a layer's input, not a mask
+
+    # pinned buffers, one per slot, reused across steps
+    def slab(self, slot, nbytes: int) -> torch.Tensor:
+        buf = self.slabs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            started = time.time()
+            buf = self._pinned(nbytes)
+            self.slabs[slot] = buf
+            self.pin_seconds += time.time() - started
+            self.pinned_bytes = sum(b.numel() for b in self.slabs.values())
+        return buf
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        if PINNED_EXACT:
+            try:
+                return _register(nbytes)
+            except Exception as error:  # noqa: BLE001 - any failure: the caching host allocator instead
+                log.warning("cudaHostRegister failed (%s); using torch's pinned allocator (sizes rounded to 2^k)",
+                            error)
+        self.pin_method = "cudaHostAlloc"
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def reserve(self, slot, nbytes: int) -> None:
+        if not self.simulate:
+            self.slab(slot, nbytes)
+
+    def put(self, key, tag: int, t: torch.Tensor, slot=None) -> None:
+        entry = _Entry(tag, t.shape, t.dtype)
+        self.counters["put"] += 1
+        if self.simulate:
+            entry.host = t.detach().clone()
+        else:
+            t = t.detach()
+            if not t.is_contiguous():
+                t = t.contiguous()
+            nbytes = t.numel() * t.element_size()
+            host = self.slab(slot if slot is not None else key, nbytes)[:nbytes].view(t.dtype).view(t.shape)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+                entry.d2h = self.stream.record_event()
+            t.record_stream(self.stream)
+            entry.host = host
+            self.pin_method = self.pin_method or "cudaHostRegister"
+        self.entries[key] = entry
+
+    def _bring_back(self, entry: _Entry) -> None:
+        if entry.gpu is not None or self.simulate:
+            return
+        gpu = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)  # on the compute stream's pool
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            gpu.copy_(entry.host, non_blocking=True)
+            entry.h2d = self.stream.record_event()
+        entry.gpu = gpu
+
+    def take(self, key) -> torch.Tensor:
+        entry = self.entries.pop(key)
+        self.counters["take"] += 1
+        if self.simulate:
+            out = entry.host
+        else:
+            if entry.gpu is None:
+                self.counters["waited"] += 1
+                self._bring_back(entry)
+            else:
+                self.counters["prefetched"] += 1
+            torch.cuda.current_stream(self.device).wait_event(entry.h2d)
+            out = entry.gpu
+        for other in self.entries.values():
+            if other.tag == entry.tag - 1:
+                self._bring_back(other)
+        return out
+
+    def has(self, key) -> bool:
+        return key in self.entries
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _register(nbytes: int) -> torch.Tensor:
+    """nbytes of page-locked CPU memory, exactly (torch's pinned allocator rounds every block up to 2^k)."""
+    page = 4096
+    raw = torch.empty(nbytes + 2 * page, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % page
+    buf = raw[offset:offset + nbytes]
+    size = (nbytes + page - 1) // page * page
+    _dont_fork(buf.data_ptr(), size)
+    raw.zero_()  # touch the pages with torch's threads before the driver locks them
+    code = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0))
+    if code != 0:
+        raise RuntimeError(f"cudaError {code}")
+    _REGISTERED.append(raw)  # keep the storage alive with the process; the driver unregisters it at exit
+    return buf
+
+
+_REGISTERED: list = []
+
+
+def _dont_fork(address: int, length: int) -> None:
+    """MADV_DONTFORK: a forked process (a data loader worker) does not get these pages. Linux copies pages that
+    are pinned for DMA into the child at fork time, so without it every worker would copy all the buffers
+    (tens of GiB each). cudaHostAlloc does the same for torch's own pinned memory."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), 10) != 0:  # 10: MADV_DONTFORK (Linux)
+        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTFORK) failed")
+
+
+# -------------------------------------------------------------------------------------- token chunks
+
+class _Chunked:
+    """What `_TokenChunks` runs: a per-token function, its chunk size and whether a recompute may skip it."""
+
+    def __init__(self, fn, chunk: int, skip_in_recompute: bool):
+        self.fn, self.chunk, self.skip_in_recompute = fn, chunk, skip_in_recompute
+        self.skipped = 0  # forwards skipped inside a recompute (for the tests)
+
+
+def _autocast_state(device_type: str) -> dict:
+    if not torch.amp.is_autocast_available(device_type):
+        return {"enabled": False}
+    return {"enabled": torch.is_autocast_enabled(device_type), "dtype": torch.get_autocast_dtype(device_type),
+            "cache_enabled": torch.is_autocast_cache_enabled()}
+
+
+class _TokenChunks(torch.autograd.Function):
+    """y = fn(x) for a per-token fn, computed in token chunks; only x is kept for backward.
+
+    Backward replays each chunk under autograd with the forward's RNG and autocast state (the same dropout masks)
+    and returns the input gradient and the summed gradients of fn's trainable parameters (passed as inputs, so
+    the engine accumulates them once: DDP-safe). Inside a checkpointed layer's recompute, with skip_in_recompute,
+    the forward only saves x: nothing after the MLP in the layer saves anything, and early stopping ends the
+    recompute right there.
+    """
+
+    @staticmethod
+    def forward(ctx, run: _Chunked, x: torch.Tensor, *params):
+        from torch.utils.checkpoint import get_device_states
+
+        ctx.run, ctx.params = run, params
+        ctx.device_type = x.device.type
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.devices, ctx.device_rng = get_device_states(x)
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x)
+        if run.skip_in_recompute and _in_backward():
+            run.skipped += 1
+            return torch.empty_like(x)
+        return _run_chunks(run, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.utils.checkpoint import set_device_states
+
+        (x,) = ctx.saved_tensors
+        run, params = ctx.run, ctx.params
+        flat = x.detach().reshape(-1, x.shape[-1])
+        grad = grad.reshape(-1, grad.shape[-1])
+        need_x = ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(flat) if need_x else None
+        grad_params = [None] * len(params)
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:]) if need]
+        autocast = (torch.autocast(ctx.device_type, **{k: v for k, v in ctx.autocast.items() if k != "enabled"})
+                    if ctx.autocast["enabled"] else torch.autocast(ctx.device_type, enabled=False))
+        with torch.random.fork_rng(devices=ctx.devices, device_type=ctx.device_type), \
+                torch.autograd.graph.saved_tensors_hooks(_identity, _identity), torch.enable_grad(), autocast:
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.devices:
+                set_device_states(ctx.devices, ctx.device_rng, device_type=ctx.device_type)
+            for start in range(0, flat.shape[0], run.chunk):
+                piece = flat[start:start + run.chunk].unsqueeze(0).requires_grad_(need_x)
+                out = run.fn(piece)
+                inputs = ([piece] if need_x else []) + wanted
+                grads = torch.autograd.grad(out, inputs, grad[start:start + run.chunk].view_as(out),
+                                            allow_unused=True)
+                if need_x:
+                    grad_x[start:start + run.chunk] = grads[0].squeeze(0)
+                    grads = grads[1:]
+                for p, g in zip(wanted, grads):
+                    if g is not None:
+                        slot = _index(params, p)
+                        grad_params[slot] = g if grad_params[slot] is None else grad_params[slot].add_(g)
+        return (None, grad_x.view(x.shape) if need_x else None, *grad_params)
+
+
+def _run_chunks(run: _Chunked, x: torch.Tensor) -> torch.Tensor:
+    """fn over x's tokens, `run.chunk` at a time, into one output (no autograd graph is built by the caller)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = None
+    for start in range(0, flat.shape[0], run.chunk):
+        piece = run.fn(flat[start:start + run.chunk].unsqueeze(0)).squeeze(0)
+        if out is None:
+            out = piece.new_empty((flat.shape[0], piece.shape[-1]))
+        out[start:start + piece.shape[0]] = piece
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _index(params, p) -> int:
+    for i, q in enumerate(params):
+        if q is p:
+            return i
+    raise KeyError("parameter")
+
+
+def _identity(t):
+    return t
+
+
+def chunk_module(module: torch.nn.Module, chunk: int, skip_in_recompute: bool = False) -> None:
+    """Route `module`'s forward (whatever it is now: liger's, PEFT's) through `_TokenChunks`."""
+    if "_longctx_forward" in module.__dict__:
+        return
+    inner = module.forward
+    run = _Chunked(inner, chunk, skip_in_recompute)
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not x.is_floating_point() or x.dim() < 2 or x.numel() == 0:
+            return inner(x, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            return _run_chunks(run, x)  # evaluation: chunked too, the 14,336-wide intermediate never whole
+        return _TokenChunks.apply(run, x, *params)
+
+    module._longctx_forward = inner
+    module.forward = forward
+
+
+def unchunk_module(module: torch.nn.Module) -> None:
+    if "_longctx_forward" in module.__dict__:
+        module.forward = module.__dict__.pop("_longctx_forward")
+
+
+# ------------------------------------------------------------------------------- attention with a cache
+
+LONGCTX_ATTENTION = "longctx"
+
+
+class _CachedAttention(torch.autograd.Function):
+    """Causal varlen attention whose output and log-sum-exp are offloaded in the forward and brought back for
+    the recompute, so a checkpointed layer's recompute does not run the attention forward again.
+
+    q (T, Hq, D), k/v (T, Hkv, D), cu (N+1,) int32. Backward is the flash varlen backward from the saved q, k,
+    v (recomputed), out and lse (brought back). On CPU (tests) the output is per-sample sdpa and the backward
+    recomputes it under autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, longest: int, scale: float, store: Offloader, layer: int):
+        ctx.longest, ctx.scale, ctx.cuda = longest, scale, q.is_cuda
+        key = ("attn", layer)
+        if _in_backward() and store.has(key + ("out",)):
+            out = store.take(key + ("out",))
+            lse = store.take(key + ("lse",)) if q.is_cuda else out.new_empty(0)
+        elif q.is_cuda:
+            out, lse = _varlen_forward(q, k, v, cu, longest, scale)
+            if not _in_backward():
+                store.put(key + ("out",), layer, out, slot=("attn_out", layer))
+                store.put(key + ("lse",), layer, lse, slot=("attn_lse", layer))
+        else:
+            from job.speed import _varlen_reference
+
+            out, lse = _varlen_reference(q, k, v, cu, scale), q.new_empty(0)
+            if not _in_backward():
+                store.put(key + ("out",), layer, out)
+        ctx.save_for_backward(q, k, v, cu, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu, out, lse = ctx.saved_tensors
+        if ctx.cuda:
+            dq, dk, dv = _varlen_backward(grad_out, q, k, v, out, lse, cu, ctx.longest, ctx.scale)
+        else:
+            from job.speed import _varlen_reference
+
+            with torch.enable_grad():
+                qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+                dq, dk, dv = torch.autograd.grad(_varlen_reference(qd, kd, vd, cu, ctx.scale), (qd, kd, vd),
+                                                 grad_out)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _op_arguments(op, **values) -> dict:
+    """The keyword arguments this torch's version of a varlen op takes (its schema changed across releases)."""
+    names = {argument.name for argument in op.default._schema.arguments}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _gqa_native() -> bool:
+    from torch.nn.attention import varlen  # noqa: F401  (registers the ops)
+
+    return "enable_gqa" in {a.name for a in torch.ops.torch_attn._varlen_attn.default._schema.arguments}
+
+
+def _expand(k, v, heads: int):
+    repeat = heads // k.shape[1]
+    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+
+def _varlen_forward(q, k, v, cu, longest: int, scale: float):
+    """out (T, Hq, D) and lse (Hq, T) of causal flash varlen attention (torch.ops.torch_attn)."""
+    from torch.nn.attention import varlen  # noqa: F401
+
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and not _gqa_native():
+        k, v = _expand(k, v, q.shape[1])
+    op = torch.ops.torch_attn._varlen_attn
+    out, lse, _ = op(**_op_arguments(op, query=q, key=k, value=v, cu_seq_q=cu, cu_seq_k=cu, max_q=longest,
+                                     max_k=longest, is_causal=True, scale=scale, window_size=[-1, 0],
+                                     enable_gqa=gqa))
+    return out, lse
+
+
+def _varlen_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: float):
+    heads, kv_heads = q.shape[1], k.shape[1]
+    expanded = kv_heads != heads and not _gqa_native()
+    if expanded:
+        k, v = _expand(k, v, heads)
+    op = torch.ops.torch_attn._varlen_attn_backward
+    rng = torch.zeros((2,), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = op(**_op_arguments(op, grad_out=grad_out.contiguous(), query=q, key=k, value=v, out=out, lse=lse,
+                                    cu_seq_q=cu, cu_seq_k=cu, max_q=longest, max_k=longest, is_causal=True,
+                                    rng_state=rng, scale=scale, window_size=[-1, 0]))
+    if expanded:  # each kv head served heads // kv_heads query heads: sum their gradients
+        dk = dk.view(dk.shape[0], kv_heads, -1, dk.shape[-1]).sum(2)
+        dv = dv.view(dv.shape[0], kv_heads, -1, dv.shape[-1]).sum(2)
+    return dq, dk, dv
+
+
+def attention_self_check(device: torch.device) -> str | None:
+    """On the GPU: the cached attention's own forward and backward against job.speed's varlen attention under
+    autograd (bf16, two samples, GQA). None when they agree, else why (the cache is then left off)."""
+    from job import speed
+
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        lengths = [300, 211]
+        cu = torch.tensor([0, 300, 511], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(sum(lengths), h, 64, device=device, dtype=torch.bfloat16, generator=generator)
+                   for h in (8, 2, 2))
+        grad = torch.randn_like(q)
+        out, lse = _varlen_forward(q, k, v, cu, max(lengths), 0.125)
+        dq, dk, dv = _varlen_backward(grad, q, k, v, out, lse, cu, max(lengths), 0.125)
+        qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        ref = speed._varlen(qr, kr, vr, cu, max(lengths), 0.125)
+        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), grad)
+        for name, got, want in (("out", out, ref), ("dq", dq, ref_grads[0]), ("dk", dk, ref_grads[1]),
+                                ("dv", dv, ref_grads[2])):
+            error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            if not error < 2e-2:
+                return f"{name} differs from job.speed's varlen attention (relative error {error:.3g})"
+    except Exception as error:  # noqa: BLE001 - any failure leaves the cache off, the mode on
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return None
+
+
+def longctx_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                              is_causal=None, **kwargs):
+    """transformers attention interface: job.speed's varlen attention, with the cache when training."""
+    from job import speed
+
+    # set by `install` on the layer's modules (not thread-local: CUDA backward runs on autograd's own thread)
+    mode, layer = getattr(module, "_longctx_mode", None), getattr(module, "_longctx_layer", None)
+    batch, heads, length, dim = query.shape
+    if (mode is None or not mode.cache or not torch.is_grad_enabled() or attention_mask is not None
+            or key.shape[2] != length or dropout):
+        return speed.varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, is_causal=is_causal, **kwargs)
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and kwargs.get("max_length_q") and batch == 1:
+        cu, longest = cu.to(device=query.device, dtype=torch.int32), int(kwargs["max_length_q"])
+    else:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=query.device)[None]
+        cu, longest = speed.sequence_bounds(position_ids, batch, length)
+    scale = scaling if scaling is not None else dim**-0.5
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
+    out = _CachedAttention.apply(q, k, v, cu, longest, scale, mode.store, layer)
+    return out.view(batch, length, heads, dim), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from job import speed
+
+    AttentionInterface.register(LONGCTX_ATTENTION, longctx_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(LONGCTX_ATTENTION, speed.varlen_mask)
+
+
+# ------------------------------------------------------------------------------------------- installing
+
+class LongContext:
+    """The installed mode on one model: the offloader, the checkpoint function, the chunked modules."""
+
+    def __init__(self, hf_model, store: Offloader, cache: bool):
+        self.hf, self.store, self.cache = hf_model, store, cache
+        self.layers = _decoder_layers(hf_model)
+
+    def checkpoint(self, index: int, function, *args, **kwargs):
+        """Each layer's checkpoint: torch's non-reentrant checkpoint, its saved input offloaded."""
+        from torch.utils.checkpoint import checkpoint
+
+        if index == 0 and not _in_backward():
+            self.store.clear()  # a new forward: anything left from one without backward is stale
+        counter = [0]
+
+        def pack(t):
+            if (_in_backward() or isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.store.min_bytes
+                    or t.device != self.store.device and not self.store.simulate):
+                return t
+            counter[0] += 1
+            key = ("ckpt", index, counter[0])
+            self.store.put(key, index, t, slot=("ckpt", index, counter[0]))
+            return _Handle(key)
+
+        def unpack(h):
+            return self.store.take(h.key) if isinstance(h, _Handle) else h
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    def install_checkpointing(self) -> None:
+        for index, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = functools.partial(self.checkpoint, index)
+
+
+def _decoder_layers(hf_model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _hf_model(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "module", base)
+
+
+def _is_liger(module) -> bool:
+    forward = module.__dict__.get("forward", type(module).forward)
+    return "liger" in getattr(forward, "__qualname__", "").lower() or "liger" in type(module).__name__.lower()
+
+
+def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, norm_tokens: int | None = None,
+            simulate: bool = False) -> LongContext:
+    """Long-context mode on a (PEFT-wrapped) model: chunked MLPs and norms, offloaded checkpoints on every
+    decoder layer, the cached attention when `cache`. Idempotent per model."""
+    hf = _hf_model(model)
+    if getattr(hf, "_longctx", None) is not None:
+        return hf._longctx
+    layers = _decoder_layers(hf)
+    device = next(layers[0].parameters()).device  # the embedding table may live in CPU memory (job.speed)
+    store = Offloader(device, simulate=simulate)
+    mode = LongContext(hf, store, cache)
+    from job.speed import Shape
+
+    shape = Shape.of(hf.config)
+    skip = hf.config.model_type in SKIP_MLP_FAMILIES
+    mlp_tokens = mlp_tokens or mlp_chunk(shape)
+    norm_tokens = norm_tokens or NORM_CHUNK
+    for index, layer in enumerate(mode.layers):
+        for module in layer.modules():
+            module._longctx_layer, module._longctx_mode = index, mode
+        mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+        if mlp is not None:
+            chunk_module(mlp, mlp_tokens, skip_in_recompute=skip)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, name, None)
+            if norm is not None and not _is_liger(norm):
+                chunk_module(norm, norm_tokens)
+    final_norm = getattr(getattr(hf, hf.base_model_prefix, hf), "norm", None)
+    if final_norm is not None and not _is_liger(final_norm):
+        chunk_module(final_norm, norm_tokens)
+
+    # attention: the varlen kernel (packed samples apart, linear memory), cached when asked
+    from job import speed
+
+    implementation = hf.config._attn_implementation
+    if implementation in ("sdpa", speed.VARLEN, LONGCTX_ATTENTION) and (speed.varlen_available() or
+                                                                         device.type == "cpu"):
+        speed.register_attention()
+        register_attention()
+        try:
+            hf.set_attn_implementation(LONGCTX_ATTENTION)
+        except Exception as error:  # noqa: BLE001 - older or stricter checks: set the config directly
+            log.debug("set_attn_implementation: %s; setting the config directly", error)
+        if hf.config._attn_implementation != LONGCTX_ATTENTION:
+            hf.config._attn_implementation = LONGCTX_ATTENTION
+    else:
+        mode.cache = False
+        log.warning("long-context mode keeps ATTN_IMPLEMENTATION=%s (no attention-output cache)", implementation)
+    if mode.cache and device.type == "cuda":
+        problem = attention_self_check(device)
+        if problem:
+            mode.cache = False
+            log.warning("long-context: attention-output cache off, its self-check failed: %s", problem)
+
+    # every layer checkpointed through our function, also after the Trainer (re)enables checkpointing
+    original = hf.activation_checkpointing_enable
+
+    def enable(*args, **kwargs):
+        kwargs.pop("offload", None)  # ours replaces transformers' synchronous save_on_cpu
+        original(*args, **kwargs)
+        mode.install_checkpointing()
+
+    hf.activation_checkpointing_enable = enable
+    if not any(getattr(layer, "gradient_checkpointing", False) for layer in mode.layers):
+        original(activation_checkpointing_kwargs={"use_reentrant": False})
+    mode.install_checkpointing()
+    if device.type == "cuda" and not simulate:  # pin the buffers now, not inside the first step
+        started = time.time()
+        for index in range(len(mode.layers)):
+            store.reserve(("ckpt", index, 1), tokens * shape.hidden * 2)
+            if mode.cache:
+                store.reserve(("attn_out", index), tokens * shape.q * 2)
+                store.reserve(("attn_lse", index), tokens * shape.heads * 4)
+        log.info("long-context: %.1f GiB of pinned CPU memory in %.1fs (%s)", store.pinned_bytes / GiB,
+                 time.time() - started, store.pin_method or "cudaHostRegister")
+    hf._longctx = mode
+    return mode
+
+
+def apply(trainer, s, levers=None, stats: dict | None = None, *, host_gib: float | None = None) -> dict:
+    """The hook train.py calls after building the trainer: decide, and install the mode when it is on."""
+    from job import speed
+
+    hf = _hf_model(trainer.model)
+    device = speed.probe(getattr(s, "gpu_memory_gib", 0.0))
+    if device.cuda and not device.capped:  # the weights are loaded by now, and the estimate counts them
+        device = dataclasses.replace(device, budget_gib=device.budget_gib + torch.cuda.memory_allocated() / GiB)
+    shape = speed.Shape.of(hf.config)
+    p = plan(s, shape, device, stats, levers=levers, host_gib=host_gib, config=hf.config)
+    if p.rope:
+        log.warning("long context: %s", p.rope)
+    if not p.on:
+        log.info("long-context mode off (%s)", p.why)
+        return {"long_context": False, "why": p.why}
+    if getattr(levers, "offload_embeddings", False):
+        log.warning("long-context mode: job.speed moved the embeddings to CPU memory (its estimate does not know "
+                    "this mode); set OFFLOAD_EMBEDDINGS=false: the mode's own estimate is %.1f GiB", p.gpu_gib)
+    mode = install(trainer.model, p.tokens, cache=p.attention_cache)
+    trainer.args.activation_checkpointing = True
+    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False}
+    # a step takes seconds to minutes: collate in this process rather than fork workers beside tens of GiB of
+    # pinned buffers (they are MADV_DONTFORK, but torch's fallback allocator's are not ours to mark)
+    trainer.args.dataloader_num_workers, trainer.args.dataloader_persistent_workers = 0, False
+    log.info("long-context mode on (%s): offloaded checkpoints, chunked MLP, %s; estimated peak %.1f GiB GPU, "
+             "%.1f GiB CPU; longest that fits ~%s tokens", p.why,
+             "attention output cached on CPU" if mode.cache else "attention recomputed", p.gpu_gib, p.host_gib,
+             f"{p.longest:,}")
+    return {"long_context": True, **p.summary(), "attention_cache": mode.cache}
+
+
+# ------------------------------------------------------------------------------------- one trial, search
+
+def _rss_sampler():
+    import psutil
+
+    process, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    return peak, stop
+
+
+def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True, cap_gib: float = 0.0) -> dict:
+    """One process, one model load, `steps` optimizer steps of one `length`-token sequence each.
+
+    mode "long": the job's own path (job.speed's levers + this mode forced on); "stock": TRL with recomputation,
+    sdpa, liger when asked, batch 1, packing (padding-free), nothing of the job's.
+    """
+    import tempfile
+
+    import datasets
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from job import config as job_config
+    from job import model as job_model
+    from job import speed
+
+    result = {"length": length, "mode": mode, "steps": steps, "ok": False, "liger": liger, "cap_gib": cap_gib}
+    peak_rss, stop = _rss_sampler()
+    started = time.time()
+    cuda = torch.cuda.is_available()
+    cfg = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(cfg.vocab_size, 32000)
+    ids = [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(steps)]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    marks = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(["begin", time.perf_counter()])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(["end", time.perf_counter()])
+
+    trainer = None
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            common = dict(output_dir=scratch, max_steps=steps, learning_rate=2e-4, lr_scheduler_type="constant",
+                          warmup_steps=0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+                          bf16=cuda, use_cpu=not cuda, disable_tqdm=True, seed=42, data_seed=42, max_length=length,
+                          dataset_num_proc=None, packing=True, padding_free=True)
+            if mode == "stock":
+                s = job_config.load({"base_model": model_dir, "output_dir": scratch}, environ={})
+                if cap_gib and cuda:
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / torch.cuda.mem_get_info()[1]))
+                base = AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=job_model.compute_dtype(), quantization_config=job_model.quantization_config(s),
+                    device_map={"": 0} if cuda else None, attn_implementation="sdpa")
+                args = SFTConfig(**common, per_device_train_batch_size=1, activation_checkpointing=True,
+                                 activation_checkpointing_kwargs={"use_reentrant": False},
+                                 use_liger_kernel=liger and cuda)
+                levers = None
+            else:
+                env = {k: v for k, v in os.environ.items()
+                       if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
+                                if f.metadata["group"] in ("speed", "model")}}
+                flags = {"base_model": model_dir, "output_dir": scratch, "max_length": length,
+                         "micro_batch_size": 1, "grad_accum": 1, "long_context": "on",
+                         "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib,
+                         "offload_embeddings": "false"}  # job.speed's planner does not know this mode
+                s = job_config.load(flags, environ=env)
+                levers = speed.setup(s, model_dir)
+                base = job_model.load_model(s, model_dir, device_map={"": 0} if cuda else None,
+                                            attn_implementation=levers.attn_implementation)
+                speed.prepare_base(base, levers)
+                arguments = speed.sft_arguments(levers)
+                arguments.update(per_device_train_batch_size=1, gradient_accumulation_steps=1)
+                args = SFTConfig(**common, **arguments)
+                result["levers"] = {k: v for k, v in levers.summary().items() if k != "why"}
+            result["load_s"] = round(time.time() - started, 1)
+            trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
+                                 peft_config=job_model.lora_config(s, base), callbacks=[Timer()])
+            trainer.remove_callback(PrinterCallback)
+            if mode != "stock":
+                speed.prepare_adapted(trainer.model, levers)
+                result["long"] = apply(trainer, s, levers, {"train_tokens": length * steps})
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        seconds = [end - begin for (_, begin), (_, end) in zip(marks[0::2], marks[1::2])]
+        result.update(ok=bool(losses) and all(math.isfinite(x) for x in losses), loss=losses,
+                      step_s=[round(x, 2) for x in seconds],
+                      tokens_per_s=round(length / seconds[-1], 1) if seconds else None)
+        if not result["ok"]:
+            result["error"] = f"loss not finite: {losses}"
+    except torch.OutOfMemoryError as error:
+        result["error"] = "out of memory: " + str(error).splitlines()[0][:200]
+    except Exception as error:  # noqa: BLE001 - reported as the trial's result
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    finally:
+        stop.set()
+        if cuda:
+            result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+            result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 2)
+            result["device"] = torch.cuda.get_device_name()
+        result["peak_host_gib"] = round(peak_rss[0] / GiB, 2)
+        if trainer is not None:
+            mode_obj = getattr(_hf_model(trainer.model), "_longctx", None)
+            if mode_obj is not None:
+                result["pinned_gib"] = round(mode_obj.store.pinned_bytes / GiB, 2)
+                result["pin_s"] = round(mode_obj.store.pin_seconds, 1)
+                result["offload"] = dict(mode_obj.store.counters, method=mode_obj.store.pin_method)
+        result["wall_s"] = round(time.time() - started, 1)
+    return result
+
+
+def run_trial(length: int, *, model_dir: str, steps: int = 1, mode: str = "long", liger: bool = True,
+              cap_gib: float = 0.0, timeout: float = 600) -> dict:
+    """A trial in its own process (an out-of-memory error or a crash leaves the search running)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "job.longctx", "trial", "--model-dir", model_dir, "--length", str(length),
+               "--steps", str(steps), "--mode", mode, "--cap-gib", str(cap_gib)] + ([] if liger else ["--no-liger"])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"length": length, "mode": mode, "ok": False, "error": f"timed out after {timeout:.0f}s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    return {"length": length, "mode": mode, "ok": False,
+            "error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}"}
+
+
+def search(try_length, start: int = 65536, limit: int = 2**21, granularity: int = 8192, report=print) -> dict:
+    """The longest length that trains: double from `start` until one fails, then bisect to `granularity`.
+
+    `try_length(n) -> dict` with "ok"; every result is passed to `report` as it comes."""
+    tried = []
+
+    def attempt(n: int) -> bool:
+        result = try_length(n)
+        tried.append(result)
+        report(result)
+        return bool(result.get("ok"))
+
+    good, bad = 0, None
+    n = start
+    while n <= limit:
+        if attempt(n):
+            good, n = n, n * 2
+        else:
+            bad = n
+            break
+    if good == 0 and bad is not None:  # even the start failed: halve down to something that trains
+        n = bad // 2
+        while n >= granularity and not attempt(n):
+            bad, n = n, n // 2
+        good = n if n >= granularity else 0
+    while bad is not None and good and bad - good > granularity:
+        mid = (good + bad) // 2 // granularity * granularity
+        if mid <= good:
+            break
+        if attempt(mid):
+            good = mid
+        else:
+            bad = mid
+    return {"longest": good, "first_failure": bad, "trials": tried}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m job.longctx")
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("trial", help="train one sequence (one process), print a JSON line")
+    one.add_argument("--model-dir", required=True)
+    one.add_argument("--length", type=int, required=True)
+    one.add_argument("--steps", type=int, default=1)
+    one.add_argument("--mode", choices=("long", "stock"), default="long")
+    one.add_argument("--no-liger", action="store_true")
+    one.add_argument("--cap-gib", type=float, default=0.0)
+    many = sub.add_parser("search", help="longest single sequence that trains (one process per trial)")
+    many.add_argument("--model-dir", required=True)
+    many.add_argument("--start", type=int, default=65536)
+    many.add_argument("--limit", type=int, default=2**21)
+    many.add_argument("--granularity", type=int, default=8192)
+    many.add_argument("--timeout", type=float, default=900)
+    many.add_argument("--cap-gib", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "trial":
+        result = trial(args.model_dir, args.length, args.steps, args.mode, liger=not args.no_liger,
+                       cap_gib=args.cap_gib)
+        print(json.dumps(result), flush=True)
+        return 0 if result["ok"] else 3
+    found = search(lambda n: run_trial(n, model_dir=args.model_dir, cap_gib=args.cap_gib, timeout=args.timeout),
+                   args.start, args.limit, args.granularity, report=lambda r: print(json.dumps(r), flush=True))
+    print(json.dumps({"longest": found["longest"], "first_failure": found["first_failure"],
+                      "settings": next((t.get("long") for t in reversed(found["trials"])
+                                        if t.get("ok") and t.get("length") == found["longest"]), None)}), flush=True)
+    return 0 if found["longest"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

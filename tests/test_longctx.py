@@ -1,0 +1,273 @@
+"""Long-context mode (job/longctx.py) on CPU: its loss and LoRA gradients equal the plain path's, packed and
+unpacked, on the real 4-bit tiny model; its memory plan refuses what cannot fit; the length search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from job import config, longctx, speed
+from job.errors import ConfigError
+
+LLAMA_8B = {"model_type": "llama", "hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32,
+            "kv_heads": 8, "head_dim": 128, "vocab": 128256, "tied": False}
+H100 = speed.Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 79.2, 78.5, False, 989.0)
+
+
+def settings(**flags):
+    return config.load({"base_model": "x/y", "micro_batch_size": 1, **flags}, environ={})
+
+
+# ------------------------------------------------------------------------------- chunked token-wise function
+
+class _Block(torch.nn.Module):
+    """A per-token block with dropout, like an MLP with a LoRA dropout on its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 24), torch.nn.Linear(24, 8)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(self.drop(x))))
+
+
+def test_token_chunks_replay_dropout_and_sum_parameter_grads():
+    torch.manual_seed(0)
+    block, x = _Block(), torch.randn(2, 13, 8, requires_grad=True)
+    weights = torch.randn(2, 13, 8)
+    torch.manual_seed(7)  # the reference: the same chunks, in the same order, under autograd
+    flat = x.reshape(-1, 8)
+    ref = torch.cat([block(flat[i:i + 5].unsqueeze(0)).squeeze(0) for i in range(0, 26, 5)]).view(2, 13, 8)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [x, *block.parameters()])
+    longctx.chunk_module(block, 5)
+    torch.manual_seed(7)
+    out = block(x)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *block.parameters()])
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # evaluation runs chunked too
+        torch.manual_seed(7)
+        torch.testing.assert_close(block(x), ref)
+
+
+def test_mlp_forward_is_skipped_in_the_recompute_of_a_checkpointed_layer():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    norm, mlp = torch.nn.LayerNorm(8), _Block()
+    mlp.drop.p = 0.0
+    x = torch.randn(1, 11, 8, requires_grad=True)
+
+    def layer(h):
+        return h + mlp(norm(h))
+
+    ref = checkpoint(layer, x, use_reentrant=False)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *mlp.parameters()])
+    longctx.chunk_module(mlp, 4, skip_in_recompute=True)
+    out = checkpoint(layer, x, use_reentrant=False)
+    grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert mlp.forward.__closure__ is not None and _run_of(mlp).skipped == 1
+
+
+def _run_of(module):
+    return next(c.cell_contents for c in module.forward.__closure__ if isinstance(c.cell_contents, longctx._Chunked))
+
+
+# ---------------------------------------------------------------------------- the tiny model, both paths
+
+def _trainer(tmp_path, packing: bool, lengths: tuple, cuda: bool = False):
+    """The job's training objects on CPU (4-bit tiny Llama, LoRA on every linear layer, TRL's collator)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from job import model as job_model
+
+    s = config.load({"output_dir": str(tmp_path), "lora_dropout": "0", "packing": str(packing),
+                     "max_length": "256"}, environ={})
+    path = job_model.resolve(s.base_model)
+    tokenizer = job_model.load_tokenizer(s, path)
+    levers = speed.plan(s, __import__("transformers").AutoConfig.from_pretrained(path))
+    base = job_model.load_model(s, path, attn_implementation=levers.attn_implementation,
+                                device_map={"": 0} if cuda else None)
+    speed.prepare_base(base, levers)
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(10, base.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    labels = [[-100] * 5 + row[5:] for row in ids]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(lengths), packing=packing,
+                     padding_free=packing, max_length=2048, use_cpu=not cuda, bf16=cuda, report_to="none",
+                     dataset_num_proc=None, **{k: v for k, v in speed.sft_arguments(levers).items()
+                                               if k.startswith("dataloader")})
+    trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
+                         peft_config=job_model.lora_config(s, base))
+    speed.prepare_adapted(trainer.model, levers)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                # fp32 adapters (TRL keeps them in bf16, whose rounding would hide what is compared); B starts at
+                # zero, which would leave A without gradient
+                p.data = p.data.float()
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    batch = trainer.data_collator([rows[i] for i in range(len(lengths))])
+    if cuda:
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if packing:  # the plain path with the kernel the job uses for packed rows on a GPU (CPU: per-sample sdpa)
+        speed.register_attention()
+        trainer.model.get_base_model().set_attn_implementation(speed.VARLEN)
+    return trainer, batch
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packing, lengths", [(True, (37, 61, 23)), (False, (45, 30)), (False, (53,))],
+                         ids=["packed", "padded", "one-sequence"])
+def test_long_context_path_matches_plain_path(tmp_path, hf_home, packing, lengths):
+    trainer, batch = _trainer(tmp_path, packing, lengths)
+    if packing:
+        assert (batch["position_ids"] == 0).sum() == 3 and "attention_mask" not in batch
+    elif len(lengths) > 1:
+        assert not batch["attention_mask"].all()  # right padding: the mask goes to sdpa, uncached
+    plain_loss, plain_grads = _loss_and_grads(trainer, batch)
+    mode = longctx.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=16, norm_tokens=24,
+                           simulate=True)
+    long_loss, long_grads = _loss_and_grads(trainer, batch)
+    torch.testing.assert_close(long_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert plain_grads.keys() == long_grads.keys() and len(plain_grads) == 4 * 7 * 2
+    for name, grad in plain_grads.items():
+        assert grad.norm() > 0, name
+        assert (long_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+    # the mode really ran: every layer's checkpoint offloaded and back, the MLP forward skipped in each recompute,
+    # and (without a padding mask) the attention output taken from the cache instead of recomputed
+    layers = len(mode.layers)
+    cached = 0 if len(lengths) == 2 and not packing else layers
+    assert mode.store.counters["put"] == layers + cached == mode.store.counters["take"]
+    assert not mode.store.entries
+    assert all(_run_of(layer.mlp).skipped == 1 for layer in mode.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run it on the GPU machine")
+def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home):
+    """On a GPU: the real side-stream copies, pinned buffers and flash varlen kernels (bf16, so looser)."""
+    trainer, batch = _trainer(tmp_path, True, (300, 700, 200), cuda=True)
+    plain_loss, plain_grads = _loss_and_grads(trainer, batch)
+    mode = longctx.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=256, norm_tokens=384)
+    mode.store.min_bytes = 0  # the tiny model's checkpoints are far below the usual 1 MiB
+    long_loss, long_grads = _loss_and_grads(trainer, batch)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(long_loss, plain_loss, rtol=1e-2, atol=1e-2)
+    errors = {n: ((long_grads[n] - g).float().norm() / g.float().norm()).item() for n, g in plain_grads.items()}
+    assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    layers = len(mode.layers)
+    assert mode.store.counters["put"] == 2 * layers == mode.store.counters["take"]
+    assert mode.store.counters["prefetched"] >= 2 * layers - 3, mode.store.counters
+    assert mode.store.pin_method and not mode.store.entries
+
+
+def test_offloader_prefetches_the_next_layer_in_backward_order():
+    store = longctx.Offloader(torch.device("cpu"), simulate=True)
+    for layer in range(3):
+        store.put(("ckpt", layer), layer, torch.full((4,), float(layer)))
+    assert store.take(("ckpt", 2)).tolist() == [2.0] * 4
+    assert store.take(("ckpt", 1))[0] == 1.0 and list(store.entries) == [("ckpt", 0)]
+
+
+# ------------------------------------------------------------------------------------------ memory plan
+
+def _levers(s, shape, device=H100):
+    """What job.speed picks on that card (fused LoRA kernel on; liger only where it is installed)."""
+    return speed.choose(s, shape, device, caps={"varlen": True, "flex": True, "flash_attn": False, "liger": False})
+
+
+def test_plan_for_llama_8b_on_an_h100():
+    shape = speed.Shape(**LLAMA_8B)
+    at = {}
+    for tokens in (65536, 131072, 262144):
+        s = settings(max_length=tokens)
+        p = longctx.plan(s, shape, H100, host_gib=120.0, levers=_levers(s, shape))
+        assert p.on and "auto" in p.why
+        longctx.check_fits(p, settings(max_length=tokens))
+        at[tokens] = p
+    assert at[65536].gpu_gib < 33.7 / 2, at[65536]  # half the stock peak at 65,536 tokens
+    assert at[65536].attention_cache and not at[262144].attention_cache
+    assert at[262144].gpu_gib < 70 and at[262144].pinned_gib >= 64
+    assert 262144 <= at[262144].longest < 2**20
+    capped = dataclasses_replace(H100, budget_gib=24.0, capped=True)
+    s = settings(max_length=65536)
+    longctx.check_fits(longctx.plan(s, shape, capped, host_gib=120.0, levers=_levers(s, shape, capped)), s)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_a_length_that_cannot_fit_is_refused_naming_the_longest_that_would():
+    shape = speed.Shape(**LLAMA_8B)
+    s = settings(max_length=2**20)
+    p = longctx.plan(s, shape, H100, host_gib=120.0)
+    with pytest.raises(ConfigError, match=r"MAX_LENGTH=1048576 .* longest that fits here is MAX_LENGTH=(\d+)") as e:
+        longctx.check_fits(p, s)
+    longest = int(e.value.args[0].rsplit("MAX_LENGTH=", 1)[1].split()[0])
+    assert 262144 <= longest < 2**20
+    longctx.check_fits(longctx.plan(settings(max_length=longest), shape, H100, host_gib=120.0),
+                       settings(max_length=longest))
+
+
+def test_auto_decides_from_the_length_and_the_data():
+    shape = speed.Shape(**LLAMA_8B)
+    assert not longctx.plan(settings(max_length=8192), shape, H100, host_gib=120.0).on
+    assert longctx.plan(settings(max_length=8192, long_context="on"), shape, H100, host_gib=120.0).on
+    assert not longctx.plan(settings(max_length=131072, long_context="off"), shape, H100, host_gib=120.0).on
+    cpu = speed.Device("cpu", "cpu")
+    assert not longctx.plan(settings(max_length=131072), shape, cpu, host_gib=20.0).on
+    # unpacked rows are only as long as the data: a long MAX_LENGTH over short rows needs nothing
+    short = {"tokens_max": 3000, "train_tokens": 10**7}
+    assert not longctx.plan(settings(max_length=131072, packing="false"), shape, H100, short, host_gib=120.0).on
+    assert longctx.plan(settings(max_length=131072), shape, H100, short, host_gib=120.0).on
+
+
+def test_rope_warning_past_the_trained_context():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(max_position_embeddings=8192)
+    assert longctx.rope_note(cfg, 8192) is None
+    note = longctx.rope_note(cfg, 262144)
+    assert "32.0x the 8,192 positions" in note and "extrapolated" in note
+
+
+def test_setting_long_context():
+    assert config.load({}, environ={}).long_context == "auto"
+    assert config.load({}, environ={"LONG_CONTEXT": "on"}).long_context == "on"
+    with pytest.raises(ConfigError, match="LONG_CONTEXT='sometimes' is not one of: auto, on, off"):
+        config.load({}, environ={"LONG_CONTEXT": "sometimes"})
+
+
+# -------------------------------------------------------------------------------------------- the search
+
+@pytest.mark.parametrize("limit", [300_000, 40_000, 7_000])
+def test_search_doubles_then_bisects(limit):
+    seen = []
+    found = longctx.search(lambda n: {"length": n, "ok": n <= limit}, start=65536, limit=2**21,
+                           granularity=8192, report=seen.append)
+    if limit >= 8192:
+        assert found["longest"] <= limit < found["longest"] + 8192 and found["first_failure"] > limit
+    else:
+        assert found["longest"] == 0
+    assert len(seen) < 12 and math.isfinite(len(seen))

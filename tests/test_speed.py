@@ -1,0 +1,322 @@
+"""The automatic choice of speed levers (job.speed), and that the fast path trains the same model as the plain one.
+
+Pure choices are checked against pretend devices (an H100 with 80, 24, 16, 8 and 5 GiB); kernels are checked on the
+CPU against PEFT's own layers and TRL's own head; the loss curves of the fast and the plain path are compared on the
+tiny model. No timing here: speed is measured by `job bench` on a GPU (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from job import config, model, speed
+from job.errors import ConfigError
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8)
+GPU_CAPS = {"varlen": True, "flex": True, "flash_attn": False, "liger": True, "triton": True}
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    from transformers import LlamaConfig
+
+    return speed.Shape.of(LlamaConfig(**LLAMA3_8B))
+
+
+def h100(budget: float) -> speed.Device:
+    return speed.Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 79.2, budget, budget < 79, 989.0)
+
+
+def settings(**flags) -> config.Settings:
+    return config.load({"base_model": "/models/llama-3-8b", **flags}, environ={})
+
+
+@pytest.fixture(autouse=True)
+def liger_everywhere(monkeypatch):
+    """Pretend liger supports the model type (it is not installed on CPU machines)."""
+    monkeypatch.setattr(speed, "liger_supports", lambda model_type: True)
+
+
+# ----------------------------------------------------------------------------------------------- choices
+
+def test_cpu_gets_the_plain_path(llama3):
+    levers = speed.choose(settings(), llama3, speed.Device("cpu", "cpu"), {"varlen": False, "flex": True})
+    assert levers.attn_implementation == "sdpa"
+    assert not levers.liger and not levers.lora_kernel and not levers.dequant_cache
+    assert levers.checkpointing == "none" and levers.dataloader_workers == 0
+    assert (levers.micro_batch_size, levers.grad_accum) == (4, 1)
+
+
+def test_the_tiny_default_job_on_this_machine_is_cpu_friendly(tiny_model):
+    s = config.load({}, environ={})
+    from transformers import AutoConfig
+
+    levers = speed.choose(s, speed.Shape.of(AutoConfig.from_pretrained(tiny_model)), speed.probe(0.0))
+    if not torch.cuda.is_available():
+        assert levers.attn_implementation == "sdpa" and not levers.liger and not levers.lora_kernel
+    assert set(levers.summary()["why"]) >= {"attn_implementation", "liger", "lora_kernel", "checkpointing"}
+
+
+def test_a_whole_h100_trains_without_recomputation(llama3):
+    levers = speed.choose(settings(), llama3, h100(79.0), GPU_CAPS)
+    assert levers.attn_implementation == speed.VARLEN
+    assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel
+    assert levers.checkpointing == "none" and levers.micro_batch_size == 4
+    assert not levers.offload_embeddings
+    assert levers.estimated_peak_gib <= 79.0 * speed.SAFETY
+
+
+@pytest.mark.parametrize("cap", [24.0, 16.0, 8.0])
+def test_every_cap_gets_a_plan_that_fits(llama3, cap):
+    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+    assert levers.estimated_peak_gib <= cap * speed.SAFETY
+    assert levers.micro_batch_size * levers.grad_accum == 4  # the optimizer step stays the configured one
+    assert "memory" not in levers.reasons  # no "nothing fits" warning
+
+
+def test_a_tight_cap_moves_the_embeddings_to_cpu_memory(llama3):
+    levers = speed.choose(settings(), llama3, h100(6.0), GPU_CAPS)
+    assert levers.offload_embeddings and levers.checkpointing in ("offload", "full", "partial")
+    assert levers.micro_batch_size == 1 and levers.estimated_peak_gib <= 6.0 * speed.SAFETY
+
+
+def test_smaller_budgets_never_plan_more_memory(llama3):
+    peaks = [speed.choose(settings(), llama3, h100(cap), GPU_CAPS).estimated_peak_gib for cap in (79, 40, 24, 16, 8)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+def test_forced_levers_win(llama3):
+    s = settings(attn_implementation="flex_attention", liger="false", lora_kernel="false",
+                 gradient_checkpointing="true", dataloader_workers=0)
+    levers = speed.choose(s, llama3, h100(79.0), GPU_CAPS)
+    assert levers.attn_implementation == "flex_attention" and not levers.liger and not levers.lora_kernel
+    assert levers.checkpointing == "full" and levers.checkpoint_layers == 32 and levers.dataloader_workers == 0
+    assert all(levers.reasons[k].startswith("forced") for k in ("attn_implementation", "liger", "lora_kernel"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"attn_implementation": "varlen"}, "ATTN_IMPLEMENTATION=varlen"),
+    ({"liger": "true"}, "LIGER=true"),
+    ({"lora_kernel": "true", "quantization": "int8"}, "LORA_KERNEL=true"),
+])
+def test_forcing_what_cannot_run_names_the_setting(llama3, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        speed.choose(settings(**flags), llama3, speed.Device("cpu", "cpu"), {"varlen": False, "liger": False})
+
+
+def test_unpacked_batches_use_sdpa(llama3):
+    levers = speed.choose(settings(packing=False), llama3, h100(79.0), GPU_CAPS)
+    assert levers.attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("raw, value", [("true", "true"), ("False", "false"), ("1", "true"), ("auto", "auto")])
+def test_lever_settings_accept_boolean_spellings(raw, value):
+    assert config.load({"liger": raw}, environ={}).liger == value
+
+
+def test_lever_settings_do_not_change_the_run_identity():
+    fast = settings(liger="true", attn_implementation="sdpa", gpu_memory_gib=8)
+    plain = settings()
+    assert fast.identity() == plain.identity()
+
+
+def test_memory_estimates_match_the_h100_measurements(llama3):
+    """Anchors from one H100 run (docs/performance.md), peak reserved memory at 8179-8185 packed tokens."""
+    s = settings()
+    fused = speed.Levers(attn_implementation=speed.VARLEN, liger=True, lora_kernel=True, dropout_in_kernel=True)
+    measured = [
+        (dataclasses.replace(fused), settings(lora_dropout=0.0), 44.9),
+        (dataclasses.replace(fused, lora_kernel=False, dropout_in_kernel=False), s, 61.9),
+        (dataclasses.replace(fused, dropout_in_kernel=False, checkpointing="full", checkpoint_layers=32), s, 10.2),
+    ]
+    for levers, s_, peak in measured:
+        estimate = speed.estimate_gib(llama3, s_, levers, 8185)
+        assert peak * 0.9 <= estimate <= peak * 1.3, (levers, estimate, peak)
+
+
+def test_sft_arguments_follow_the_levers():
+    args = speed.sft_arguments(speed.Levers(checkpointing="offload", checkpoint_layers=32, micro_batch_size=2,
+                                            grad_accum=2, dataloader_workers=2, device="H100"))
+    assert args["per_device_train_batch_size"] == 2 and args["gradient_accumulation_steps"] == 2
+    assert args["activation_checkpointing"] and args["activation_checkpointing_kwargs"]["offload"]
+    assert args["dataloader_num_workers"] == 2 and args["dataloader_pin_memory"]
+    assert not speed.sft_arguments(speed.Levers())["activation_checkpointing"]
+
+
+def test_peak_tflops_by_name():
+    assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert speed.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert speed.peak_tflops("Something else") == 0.0
+
+
+# ------------------------------------------------------------------------------------- the kernels, on CPU
+
+@pytest.fixture(scope="module")
+def quiet(tiny_model):
+    return config.load({"lora_dropout": 0.0}, environ={})
+
+
+def adapted(s, tiny_model, seed=0):
+    from peft import get_peft_model
+
+    base = model.load_model(s, str(tiny_model))
+    torch.manual_seed(seed)
+    lm = get_peft_model(base, model.lora_config(s, base))
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return lm
+
+
+def grads(lm) -> dict:
+    return {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_fused_lora_layer_equals_peft(tiny_model, dropout):
+    """Same logits and gradients as PEFT's Linear4bit (with dropout: the same masks, drawn in the same order)."""
+    s = config.load({"lora_dropout": dropout}, environ={})
+    ids = torch.randint(5, 500, (2, 33), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fused in (False, True):
+        lm = adapted(s, tiny_model)
+        lm.train()
+        if fused:
+            assert speed.install_lora_kernel(lm) == 28  # 7 layers x 4 blocks
+        torch.manual_seed(5)
+        out = lm(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), grads(lm)))
+    (plain_logits, plain_grads), (fused_logits, fused_grads) = results
+    assert (plain_logits - fused_logits).abs().max() < 1e-4
+    for name, grad in plain_grads.items():
+        assert (grad - fused_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
+
+
+def test_the_fused_lora_layer_steps_aside_when_adapters_are_off(quiet, tiny_model):
+    lm = adapted(quiet, tiny_model)
+    lm.train()  # dropout is 0; train mode keeps bitsandbytes' CPU bf16 inference repacking out of the comparison
+    speed.install_lora_kernel(lm)
+    ids = torch.randint(5, 500, (1, 9))
+    with torch.no_grad():
+        with lm.disable_adapter():
+            off = lm(input_ids=ids).logits
+        on = lm(input_ids=ids).logits
+        speed.remove_lora_kernel(lm)
+        with lm.disable_adapter():
+            reference = lm(input_ids=ids).logits
+    assert (off - reference).abs().max() < 1e-4 and (on - off).abs().max() > 1e-3
+
+
+def test_offloaded_embeddings_give_the_same_loss_and_gradients(quiet, tiny_model):
+    """Embeddings in CPU memory and the streamed output layer against TRL's fused head on the GPU-resident ones."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    results = []
+    for offload in (False, True):
+        base = model.load_model(quiet, str(tiny_model))
+        levers = speed.Levers(offload_embeddings=offload)
+        speed.prepare_base(base, levers)
+        from peft import get_peft_model
+
+        torch.manual_seed(3)
+        lm = get_peft_model(base, model.lora_config(quiet, base))
+        add_fused_lm_head(lm.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        speed.prepare_adapted(lm, levers)
+        if offload:
+            head = lm.get_base_model().get_output_embeddings()
+            assert isinstance(head, speed.StreamedHead)
+            head.chunk = 300  # several chunks of the tiny vocabulary
+        out = lm(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        results.append((out, grads(lm)))
+    (a, ga), (b, gb) = results
+    assert (a.log_probs - b.log_probs).abs().max() < 1e-4 and (a.entropy - b.entropy).abs().max() < 1e-4
+    assert bool((a.is_top1 == b.is_top1).all())
+    for name, grad in ga.items():
+        assert (grad - gb[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
+
+
+def test_the_device_map_puts_only_the_embeddings_in_cpu_memory(tiny_model):
+    mapping = speed.device_map(speed.Levers(offload_embeddings=True), str(tiny_model), {"": 0})
+    assert mapping["model.embed_tokens"] == "cpu" and mapping["lm_head"] == "cpu"
+    assert {v for k, v in mapping.items() if k not in ("model.embed_tokens", "lm_head")} == {0}
+    assert speed.device_map(speed.Levers(), str(tiny_model), {"": 0}) == {"": 0}
+
+
+def test_partial_recomputation_spreads_the_layers(quiet, tiny_model):
+    base = model.load_model(quiet, str(tiny_model))
+    speed.prepare_base(base, speed.Levers(checkpointing="partial", checkpoint_layers=2))
+    base.activation_checkpointing_enable()
+    flags = [layer.gradient_checkpointing for layer in base.model.layers]
+    assert sum(flags) == 2 and flags != [True, True, False, False]
+
+
+# ------------------------------------------------------------------------------------------- loss curves
+
+def curve(s, tiny_model, tokenizer, fast: bool, steps: int) -> list[float]:
+    """Train the adapter on packed rows of the bundled data the way SFTTrainer feeds them (padding-free rows,
+    restarted position ids, no mask): plain = PEFT + sdpa; fast = the job's CPU-testable levers all on."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job import data
+
+    prepared = data.prepare(s, tokenizer, "llama")
+    rows = prepared.train
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    attn = speed.VARLEN if fast else "sdpa"
+    base = model.load_model(s, str(tiny_model), attn_implementation=attn)
+    levers = speed.Levers(attn_implementation=attn, lora_kernel=fast,
+                          checkpointing="partial" if fast else "none", checkpoint_layers=2 if fast else 0)
+    speed.prepare_base(base, levers)
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    lm = get_peft_model(base, model.lora_config(s, base))
+    speed.prepare_adapted(lm, levers)
+    if fast:
+        lm.activation_checkpointing_enable()
+    lm.train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    losses, index = [], 0
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    for _ in range(steps):
+        examples = []
+        for _ in range(3):  # three rows packed into one padding-free row per step
+            examples.append(rows[order[index % len(order)]])
+            index += 1
+        batch = collate(examples)
+        torch.manual_seed(len(losses))  # dropout masks: the same draws on both paths
+        out = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                 use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_the_fast_path_trains_like_the_plain_path(tiny_model, tiny_tokenizer):
+    """40 optimizer steps on packed rows of the bundled data, dropout 0.05 as the default: the fast path (fused
+    LoRA layers, varlen attention, packing guard, partial recomputation) follows the plain one (PEFT, sdpa). On the
+    CPU both draw the same dropout masks, so the curves agree to float32 rounding, which Adam amplifies a little
+    over the steps: 40 steps (not a few hundred) keep this under a minute on two cores, and the loss has fallen
+    well below its start by then, so a wrong gradient would show."""
+    s = config.load({"max_length": 256}, environ={})
+    steps = 40
+    plain = curve(s, tiny_model, tiny_tokenizer, fast=False, steps=steps)
+    fast = curve(s, tiny_model, tiny_tokenizer, fast=True, steps=steps)
+    assert sum(plain[-10:]) / 10 < 0.7 * sum(plain[:5]) / 5  # it learned something
+    worst = max(abs(a - b) for a, b in zip(plain, fast))
+    assert worst < 2e-3 * max(plain), (worst, plain[-5:], fast[-5:])
