@@ -22,7 +22,7 @@
 # Every Python dependency is pinned by constraints.txt (the lock the Makefile uses) plus
 # image/constraints-cuda.txt (the CUDA-only packages the GPU torch wheel pulls in).
 
-ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+ARG BASE_IMAGE=docker.io/nvidia/cuda:13.0.2-base-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
 # os: the base plus python3, venv support and tini (installed only where the base lacks them).
@@ -42,8 +42,8 @@ RUN set -eu; \
 # pip cache lives in a build cache mount and the sources in this stage only.
 FROM os AS builder
 ARG TORCH_SPEC=torch==2.13.0
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_EXTRA_INDEX_URL=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PIP_NO_INPUT=1
@@ -90,10 +90,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/hf \
-    OUTPUT_DIR=/data/output
+    OUTPUT_DIR=/data/output \
+    TINI_SUBREAPER=1
 WORKDIR /data
 # tini is PID 1: it reaps zombies and, with -g, forwards SIGTERM/SIGINT to the whole process group
-# of `job` (whose launcher passes them on to the training process).
+# of `job` (whose launcher passes them on to the training process). TINI_SUBREAPER keeps reaping
+# working where tini is not PID 1 (shared process namespaces, `buildah run`).
 ENTRYPOINT ["/usr/bin/tini", "-g", "--", "job"]
 CMD ["--help"]
 USER job

@@ -21,7 +21,8 @@ log() { printf '[image] %s\n' "$*" >&2; }
 label_args() {
   local rev ver src created
   rev="$(git -C "$REPO_ROOT" rev-parse --verify -q HEAD 2>/dev/null)" || rev=unknown
-  ver="${VERSION:-$(git -C "$REPO_ROOT" describe --tags --always --dirty 2>/dev/null || true)}"
+  # version: $VERSION, else a tag on HEAD, else the version in pyproject.toml
+  ver="${VERSION:-$(git -C "$REPO_ROOT" describe --tags --exact-match 2>/dev/null || true)}"
   if [[ -z "$ver" ]]; then
     ver="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$REPO_ROOT/pyproject.toml" 2>/dev/null | head -1)"
   fi
@@ -30,12 +31,14 @@ label_args() {
   ver="${ver:-dev}"; rev="${REVISION:-$rev}"
   printf '%s\n' --build-arg "VERSION=$ver" --build-arg "REVISION=$rev" \
     --build-arg "SOURCE=$src" --build-arg "CREATED=$created"
-  # Also as --label: buildah 1.28 with --layers reuses a cached LABEL step even when the build
-  # args in it changed (stale revision/created); --label is applied at the final commit.
-  printf '%s\n' --label "org.opencontainers.image.version=$ver" \
-    --label "org.opencontainers.image.revision=$rev" \
-    --label "org.opencontainers.image.source=$src" \
-    --label "org.opencontainers.image.created=$created"
+  # With --layers, buildah 1.28 reuses a cached LABEL step even when the build args in it
+  # changed (stale revision/created): then also pass them as --label, applied on top.
+  if [[ "${LAYERS:-false}" == true ]]; then
+    printf '%s\n' --label "org.opencontainers.image.version=$ver" \
+      --label "org.opencontainers.image.revision=$rev" \
+      --label "org.opencontainers.image.source=$src" \
+      --label "org.opencontainers.image.created=$created"
+  fi
 }
 
 # CA bundle for pip inside the build (TLS-intercepting proxies): passed as a build secret, never

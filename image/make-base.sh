@@ -25,7 +25,12 @@ fi
 if [[ -n "${FORCE:-}" || ! -s "$TARBALL" ]]; then
   mkdir -p "$JOB_IMAGE_CACHE"
   work="$(mktemp -d "$JOB_IMAGE_CACHE/rootfs.XXXXXX")"
-  trap 'umount -R "$work/rootfs/proc" "$work/rootfs/sys" 2>/dev/null || true; rm -rf "$work"' EXIT
+  cleanup() {
+    local m
+    for m in dev/pts dev proc sys; do umount -l "$work/rootfs/$m" 2>/dev/null || true; done
+    rm -rf --one-file-system "$work"
+  }
+  trap cleanup EXIT
   log "debootstrap $SUITE ($INCLUDE) from $MIRROR"
   t0=$SECONDS
   debootstrap --variant=minbase --include="$INCLUDE" --arch "$ARCH" \
@@ -46,10 +51,14 @@ if [[ -n "${FORCE:-}" || ! -s "$TARBALL" ]]; then
   log "rootfs cached: $TARBALL ($(du -h "$TARBALL" | cut -f1), $((SECONDS - t0))s)"
 fi
 
+old_id="$(bah inspect --type image --format '{{.FromImageID}}' "$BASE_IMAGE" 2>/dev/null || true)"
 log "importing $TARBALL as $BASE_IMAGE"
 pod import --quiet \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["/bin/bash"]' \
   "$TARBALL" "$BASE_IMAGE" >/dev/null
+# A replaced base (FORCE=1) is dropped unless an image built on it still holds it.
+new_id="$(bah inspect --type image --format '{{.FromImageID}}' "$BASE_IMAGE")"
+[[ -n "$old_id" && "$old_id" != "$new_id" ]] && { bah rmi "$old_id" >/dev/null 2>&1 || true; }
 bah images "$BASE_IMAGE"
