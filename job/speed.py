@@ -8,13 +8,18 @@ can ask what an H100 with 8 GiB free would get; `job preflight` prints its answe
                      transformers under the name "varlen"; else flex_attention; sdpa on CPU.
     liger            Liger's RMSNorm, SwiGLU and RoPE kernels (the LM head is TRL's chunked fused head already).
     lora_kernel      one autograd function per adapted linear layer: dequantize, matmul, adapter added in the
-                     matmul epilogue (addmm), backward without PEFT's clone, scale and add passes.
-    dequant_cache    a 16-bit copy of the frozen 4-bit weights kept on the GPU (no dequantization per pass).
+                     matmul epilogue (addmm), backward without PEFT's clone, scale and add passes; the adapter's
+                     dropout mask drawn inside Triton kernels from a seed, never stored.
+    dequant_cache    a 16-bit copy of the frozen 4-bit weights kept on the GPU (off unless forced: no gain).
     checkpointing    none, some layers (as few as the memory allows), every layer, or every layer with the
                      checkpoints in pinned CPU memory.
     micro batch      the configured MICRO_BATCH_SIZE x GRAD_ACCUM rows per optimizer step, split into smaller
-                     micro-batches only when one does not fit (same math: the loss is normalized over the step).
-    embeddings       the frozen input embedding table in CPU memory, only when memory is that short.
+                     micro-batches only when that is the faster plan that fits (same math: the loss is
+                     normalized over the step).
+    embeddings       the frozen input embedding and output layer in CPU memory (the output layer streamed in
+                     chunks), when that buys a faster plan or any plan at all.
+
+Measurements behind the choices: docs/performance.md.
 
 Packed rows also get a guard (`install_packing_guard`): transformers keeps packed samples apart only when no
 attention_mask is passed and no KV cache is built; the guard makes that hold for any caller of the model.
@@ -50,13 +55,16 @@ PEAK_BF16_TFLOPS = {
 # Bytes per parameter of the frozen linear weights, quantization constants included (NF4: 4 bits, an 8-bit
 # absmax per 64 weights, a float per 256 absmax).
 WEIGHT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 4096, "none": 2.0}
-SAFETY = 0.88            # plan to this share of the budget: allocator fragmentation, cuBLAS workspaces
-OVERHEAD_GIB = 0.35      # CUDA graphs pools, cuBLAS/cuDNN workspaces, the optimizer's scratch
-# Per micro-step cost that does not scale with its token count (NF4 dequantization of every layer in forward
-# and backward, kernel launches, the optimizer), in token-equivalents; and the cost of recomputing one layer
-# relative to its forward + backward. Both measured on an H100 (docs/performance.md).
-FIXED_TOKENS = 800
-RECOMPUTE_COST = 0.40
+OVERHEAD_GIB = 0.15      # cuBLAS workspaces, the optimizer's scratch, allocator rounding
+# The step-time model behind the plan, in token-equivalents of GPU time (~78 us a token for Llama-3-8B on an
+# H100), fitted to one H100 run (docs/performance.md): a micro-step costs max(host, GPU). The host side (Python and
+# the dispatch of ~10^4 operations of PEFT, bitsandbytes, transformers) is ~0.47 s whatever the tokens, so small
+# micro-batches leave the GPU waiting (1 row of 2048: 4,300 tokens/s; 4 rows: 12,700).
+CPU_TOKENS = 6000
+RECOMPUTE_GPU = 0.55      # a recomputed layer's extra GPU time, relative to its forward + backward
+RECOMPUTE_CPU = 0.33      # ... and extra host time (its forward is dispatched again)
+OFFLOAD_COST = 0.15       # checkpoints to pinned CPU memory and back, per token
+HEAD_STREAM_TOKENS = 1000  # the output layer over PCIe twice a micro-step (2 x 1 GiB at ~25 GB/s)
 
 
 # --------------------------------------------------------------------------------------------- the device
@@ -242,17 +250,20 @@ def activation_bytes(shape: Shape, levers: Levers, lora_dropout: float) -> float
         kept += 5 * h + q + i                  # a bool dropout mask per adapted layer's input
         if not levers.lora_kernel:
             kept += 2 * 3 * h                  # PEFT keeps a dropped copy per layer, q/k/v and gate/up apart
-    return kept * 1.05
+    return kept * 1.08
 
 
-def transient_bytes(shape: Shape, tokens: int, recompute: bool = False) -> float:
-    """Working memory of one layer's backward and of the LM head, on top of what is kept (calibrated on the job's
-    own peak with every layer recomputed: 10.2 GiB at 8185 tokens, Llama-3-8B, H100)."""
+def transient_bytes(shape: Shape, tokens: int, streamed_head: bool = False) -> float:
+    """Working memory of one layer's backward and of the LM head, on top of what is kept. Fitted to the job's own
+    peaks with recomputation on one H100 (10.2 GiB at 8185 tokens, 6.2 GiB at 2048 with checkpoints offloaded,
+    4.5 GiB with the embeddings offloaded too; Llama-3-8B), which it overestimates by 0.1-0.6 GiB."""
     h, i = shape.hidden, shape.intermediate
-    per_token = 2 * (6 * h + 5 * i)          # gradients in flight, the layer's largest temporaries
-    head = min(tokens, 4096) * 32768 * 2 + tokens * h * (4 + 2)   # TRL's logits tile, fp32 grad of the hidden
-    weights = 2 * 2 * h * i                  # two dequantized weights in flight
-    return tokens * per_token + head + weights
+    per_token = 2 * (4 * h + 4 * i)          # gradients in flight, the layer's largest temporaries
+    if streamed_head:                        # logits tile of the streamed output layer (fp32, ~half the tokens)
+        head = tokens * StreamedHead.chunk * 4
+    else:                                    # TRL's logits tile
+        head = min(tokens, 4096) * 32768 * 2
+    return tokens * per_token + head + 2 * h * i   # + one dequantized weight in flight
 
 
 def estimate_gib(shape: Shape, s: Settings, levers: Levers, tokens: int) -> float:
@@ -271,13 +282,23 @@ def estimate_gib(shape: Shape, s: Settings, levers: Levers, tokens: int) -> floa
         per_token += recomputed * 2 * shape.hidden   # each recomputed layer keeps its input
     if recomputed:
         per_token += activation_bytes(shape, levers, s.lora_dropout)  # the layer being recomputed
-    total = static + tokens * per_token + transient_bytes(shape, tokens, recomputed > 0)
+    total = static + tokens * per_token + transient_bytes(shape, tokens, levers.offload_embeddings)
     return total / GiB + OVERHEAD_GIB
 
 
-def step_cost(tokens: int, recomputed: int, layers: int) -> float:
-    """Relative time per token of a micro-step (lower is faster)."""
-    return (FIXED_TOKENS + tokens * (1 + RECOMPUTE_COST * recomputed / max(1, layers))) / tokens
+def usable_gib(budget: float) -> float:
+    """What a plan may take of a budget: a margin for fragmentation and for the estimate's own error (the
+    memory anchors in tests/test_speed.py: within -3% .. +10% of measured peaks)."""
+    return budget - max(0.25, 0.07 * budget)
+
+
+def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False) -> float:
+    """Relative time per token of a micro-step (lower is faster): max(host, GPU) over the tokens."""
+    share = recomputed / max(1, layers)
+    gpu = tokens * (1 + RECOMPUTE_GPU * share + (OFFLOAD_COST if offload else 0.0))
+    gpu += HEAD_STREAM_TOKENS if streamed_head else 0
+    host = CPU_TOKENS * (1 + RECOMPUTE_CPU * share)
+    return max(gpu, host) / tokens
 
 
 # ---------------------------------------------------------------------------------------------- choose
@@ -355,7 +376,7 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     layers = shape.layers
 
     def fits(plan: Levers, tokens: int) -> bool:
-        return estimate_gib(shape, s, plan, tokens) <= device.budget_gib * SAFETY
+        return estimate_gib(shape, s, plan, tokens) <= usable_gib(device.budget_gib)
 
     if not device.cuda:
         lv.micro_batch_size, lv.grad_accum = s.micro_batch_size, s.grad_accum
@@ -366,6 +387,8 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         why["checkpointing"] = ("forced by GRADIENT_CHECKPOINTING" if s.gradient_checkpointing != "auto" else
                                 "CPU: memory is not the limit, so nothing is recomputed")
         why["micro_batch_size"] = "as configured"
+        why["dequant_cache"] = "forced by DEQUANT_CACHE" if lv.dequant_cache else "off (a GPU lever)"
+        why["offload_embeddings"] = "forced by OFFLOAD_EMBEDDINGS" if lv.offload_embeddings else "off (a GPU lever)"
         return
 
     micro_options = [m for m in range(min(rows, s.micro_batch_size), 0, -1) if rows % m == 0]
@@ -393,12 +416,10 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
                                            grad_accum=rows // m, offload_embeddings=offload_embeddings,
                                            dequant_cache=False)
                 if fits(plan, tokens):
-                    cost = step_cost(tokens, k, layers) * (1.15 if mode == "offload" else 1.0)
+                    cost = step_cost(tokens, k, layers, mode == "offload", offload_embeddings)
                     if best is None or cost < best[0] - 1e-9:
                         best = (cost, plan, tokens)
                     break  # fewer recomputed layers at this micro batch did not fit; more only cost time
-        if best is not None:
-            break  # keep the embeddings on the GPU whenever some plan fits with them there
     if best is None:  # nothing fits: the leanest plan, and say so
         plan = dataclasses.replace(lv, checkpointing="offload" if forced in ("auto", "offload") else
                                    {"true": "full", "false": "none"}[forced],
@@ -411,7 +432,7 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     for name in ("checkpointing", "checkpoint_layers", "micro_batch_size", "grad_accum", "offload_embeddings"):
         setattr(lv, name, getattr(plan, name))
 
-    # the weight cache goes last: it takes memory only when nothing else wants it
+    # the weight cache: measured, it did not pay; forced on, it takes memory only when nothing else wants it
     cache_ok = s.quantization == "nf4" and lv.lora_kernel
     if s.dequant_cache == "true" and not cache_ok:
         raise ConfigError("DEQUANT_CACHE=true needs QUANTIZATION=nf4 and the fused LoRA kernel (LORA_KERNEL)")
@@ -972,7 +993,7 @@ class StreamedHead(torch.nn.Module):
     gives, streaming the weight once in forward and once in backward (2 x its size over PCIe a step). The plain
     forward (evaluation, generation) returns logits, chunk by chunk."""
 
-    chunk = 16384
+    chunk = 8192  # rows of the weight per transfer (64 MiB for Llama-3); the logits tile is tokens x chunk fp32
 
     def __init__(self, weight: torch.Tensor, device: torch.device):
         super().__init__()

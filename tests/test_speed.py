@@ -67,21 +67,23 @@ def test_a_whole_h100_trains_without_recomputation(llama3):
     assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel
     assert levers.checkpointing == "none" and levers.micro_batch_size == 4
     assert not levers.offload_embeddings
-    assert levers.estimated_peak_gib <= 79.0 * speed.SAFETY
+    assert levers.estimated_peak_gib <= speed.usable_gib(79.0)
 
 
 @pytest.mark.parametrize("cap", [24.0, 16.0, 8.0])
 def test_every_cap_gets_a_plan_that_fits(llama3, cap):
     levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
-    assert levers.estimated_peak_gib <= cap * speed.SAFETY
+    assert levers.estimated_peak_gib <= speed.usable_gib(cap)
     assert levers.micro_batch_size * levers.grad_accum == 4  # the optimizer step stays the configured one
     assert "memory" not in levers.reasons  # no "nothing fits" warning
 
 
-def test_a_tight_cap_moves_the_embeddings_to_cpu_memory(llama3):
-    levers = speed.choose(settings(), llama3, h100(6.0), GPU_CAPS)
+@pytest.mark.parametrize("cap", [8.0, 5.0])
+def test_tight_caps_move_the_embeddings_to_cpu_memory(llama3, cap):
+    """At 8 GiB the 2 GiB of embeddings buy a bigger micro-batch; at 5 GiB (the floor) nothing else fits."""
+    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
     assert levers.offload_embeddings and levers.checkpointing in ("offload", "full", "partial")
-    assert levers.micro_batch_size == 1 and levers.estimated_peak_gib <= 6.0 * speed.SAFETY
+    assert levers.estimated_peak_gib <= speed.usable_gib(cap) and "memory" not in levers.reasons
 
 
 def test_smaller_budgets_never_plan_more_memory(llama3):
@@ -125,17 +127,24 @@ def test_lever_settings_do_not_change_the_run_identity():
 
 
 def test_memory_estimates_match_the_h100_measurements(llama3):
-    """Anchors from one H100 run (docs/performance.md), peak reserved memory at 8179-8185 packed tokens."""
+    """Anchors from the H100 runs in docs/performance.md: peak reserved memory of the job's own path."""
     s = settings()
     fused = speed.Levers(attn_implementation=speed.VARLEN, liger=True, lora_kernel=True, dropout_in_kernel=True)
+    offloaded = dataclasses.replace(fused, checkpointing="offload", checkpoint_layers=32, offload_embeddings=True)
     measured = [
-        (dataclasses.replace(fused), settings(lora_dropout=0.0), 44.9),
-        (dataclasses.replace(fused, lora_kernel=False, dropout_in_kernel=False), s, 61.9),
-        (dataclasses.replace(fused, dropout_in_kernel=False, checkpointing="full", checkpoint_layers=32), s, 10.2),
+        (fused, settings(lora_dropout=0.0), 8179, 44.9),
+        (dataclasses.replace(fused, lora_kernel=False, dropout_in_kernel=False), s, 8185, 61.9),
+        (dataclasses.replace(fused, dropout_in_kernel=False, checkpointing="full", checkpoint_layers=32), s, 8185, 10.2),
+        (dataclasses.replace(fused, checkpointing="partial", checkpoint_layers=22), s, 8179, 21.6),
+        (dataclasses.replace(fused, checkpointing="partial", checkpoint_layers=28), s, 8179, 14.7),
+        (offloaded, s, 8179, 6.2),
+        (offloaded, s, 2048, 4.4),
+        (fused, s, 2048, 15.6),
+        (fused, s, 4090, 25.2),
     ]
-    for levers, s_, peak in measured:
-        estimate = speed.estimate_gib(llama3, s_, levers, 8185)
-        assert peak * 0.9 <= estimate <= peak * 1.3, (levers, estimate, peak)
+    for levers, s_, tokens, peak in measured:
+        estimate = speed.estimate_gib(llama3, s_, levers, tokens)
+        assert peak * 0.9 <= estimate <= peak * 1.3, (levers, tokens, estimate, peak)
 
 
 def test_sft_arguments_follow_the_levers():
@@ -308,15 +317,17 @@ def curve(s, tiny_model, tokenizer, fast: bool, steps: int) -> list[float]:
 
 
 def test_the_fast_path_trains_like_the_plain_path(tiny_model, tiny_tokenizer):
-    """40 optimizer steps on packed rows of the bundled data, dropout 0.05 as the default: the fast path (fused
+    """200 optimizer steps on packed rows of the bundled data, dropout 0.05 as the default: the fast path (fused
     LoRA layers, varlen attention, packing guard, partial recomputation) follows the plain one (PEFT, sdpa). On the
     CPU both draw the same dropout masks, so the curves agree to float32 rounding, which Adam amplifies a little
-    over the steps: 40 steps (not a few hundred) keep this under a minute on two cores, and the loss has fallen
-    well below its start by then, so a wrong gradient would show."""
+    over the steps (hence a relative tolerance, not equality). 200 steps (a few hundred in spirit) take ~20 s on an
+    idle 2-core machine; the loss falls far below its start by then, so a wrong gradient would show."""
     s = config.load({"max_length": 256}, environ={})
-    steps = 40
+    steps = 200
     plain = curve(s, tiny_model, tiny_tokenizer, fast=False, steps=steps)
     fast = curve(s, tiny_model, tiny_tokenizer, fast=True, steps=steps)
-    assert sum(plain[-10:]) / 10 < 0.7 * sum(plain[:5]) / 5  # it learned something
+    assert sum(plain[-20:]) / 20 < 0.6 * sum(plain[:5]) / 5  # it learned something
     worst = max(abs(a - b) for a, b in zip(plain, fast))
-    assert worst < 2e-3 * max(plain), (worst, plain[-5:], fast[-5:])
+    assert worst < 1e-2 * max(plain), (worst, plain[-5:], fast[-5:])
+    tail = sum(abs(a - b) for a, b in zip(plain[-20:], fast[-20:])) / 20
+    assert tail < 5e-3 * sum(plain[-20:]) / 20, (tail, plain[-5:], fast[-5:])

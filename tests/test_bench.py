@@ -1,0 +1,116 @@
+"""The plumbing of `job bench` on CPU (no timing): its data, recipes, report, CLI, and one tiny phase end to end."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from job import bench
+
+
+def test_rows_look_like_instruction_data():
+    rows = bench.make_rows(2000, 128256, 2048, seed=1)
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    assert 255 <= statistics.median(lengths) <= 345  # median ~300
+    assert max(lengths) <= 2048 and min(lengths) >= 16 and max(lengths) > 1500  # a long tail, cut at MAX_LENGTH
+    for ids, labels in zip(rows["input_ids"][:50], rows["labels"][:50]):
+        prompt = labels.count(-100)
+        assert 0 < prompt < len(ids) and labels[prompt:] == ids[prompt:]  # the answer is trained, the prompt not
+        assert all(1000 <= i < 128256 - 1000 for i in ids)
+    assert bench.make_rows(5, 1000, 64, seed=3) == bench.make_rows(5, 1000, 64, seed=3)
+
+
+def test_the_recipes():
+    assert "padded to 2048" in bench.TUTORIAL.describe(2048) and bench.TUTORIAL.recompute
+    stock = bench.STOCK_BEST.describe(2048)
+    assert "packing" in stock and "flex_attention" in stock and "liger" in stock and "no recompute" in stock
+    # the measured peaks: 58.0 GiB without recomputation at batch 4, 14.2 GiB with it at batch 8, 7.9 at 2
+    assert bench.Stock(batch=4).predicted_gib(2048) == pytest.approx(58.0, abs=0.3)
+    assert bench.Stock(recompute=True, batch=8).predicted_gib(2048) == pytest.approx(14.2, abs=0.3)
+    assert bench.Stock(recompute=True, batch=2).predicted_gib(2048) == pytest.approx(7.9, abs=0.3)
+    for cap in (8, 16, 24):  # every cap of the issue has a stock recipe that is expected to fit
+        assert any(r.predicted_gib(2048) <= cap for r in bench.STOCK_UNDER_CAP)
+
+
+def test_variants_parse_settings_by_variable_or_field():
+    name, overrides = bench.parse_variant("flex:ATTN_IMPLEMENTATION=flex_attention,lora_r=8")
+    assert name == "flex" and overrides == {"attn_implementation": "flex_attention", "lora_r": "8"}
+    assert bench.parse_variant("plain:") == ("plain", {})
+    with pytest.raises(ValueError, match="NOPE"):
+        bench.parse_variant("x:NOPE=1")
+    phases = bench.plan_phases(bench.Options(variants=(("job profile", {}),)))
+    assert [p.name for p in phases] == ["tutorial", "stock", "job", "job profile"] and phases[-1].profile
+
+
+def results():
+    ok = dict(ok=True, steps=8, tokens_per_step=8000.0, step_s=1.0, peak_reserved_gib=40.0, mfu=0.3)
+    return [bench.Result("tutorial", "padded", tokens_per_s=1000.0, **ok),
+            bench.Result("stock", "packing", tokens_per_s=10000.0, **ok),
+            bench.Result("job", "job defaults", tokens_per_s=13000.0, **ok, levers={
+                "attn_implementation": "varlen", "liger": True, "lora_kernel": True, "dequant_cache": False,
+                "checkpointing": "partial", "checkpoint_layers": 9, "micro_batch_size": 4, "grad_accum": 1,
+                "offload_embeddings": False}),
+            bench.Result("job@8GiB", "job defaults", cap_gib=8.0, tokens_per_s=6000.0, **ok),
+            bench.Result("stock@8GiB", "packing", cap_gib=8.0, tokens_per_s=2000.0, **ok),
+            bench.Result("stock@8GiB", "packing", cap_gib=8.0, error="out of memory"),
+            bench.Result("job@5GiB", "job defaults", cap_gib=5.0, tokens_per_s=1900.0, **ok)]
+
+
+def test_ratios_and_table():
+    ratios = bench.ratios(results())
+    assert ratios["job/tutorial"] == 13.0 and ratios["job/stock"] == 1.3
+    assert ratios["cap 8 GiB job/best stock"] == 3.0 and ratios["cap 5 GiB job/best stock"] == "no stock recipe fits"
+    table = bench.table(results())
+    assert "recompute 9 layers" in table and "13,000" in table and "out of memory" in table
+
+
+def test_the_report_renders_from_its_json():
+    import dataclasses
+
+    report = {"device": "NVIDIA H100 80GB HBM3", "model": "llama-3-8b", "max_length": 2048, "warmup_steps": 3,
+              "timed_steps": 8, "results": [dataclasses.asdict(r) for r in results()],
+              "ratios": bench.ratios(results())}
+    text = bench.render(json.loads(json.dumps(report)))
+    assert "job/stock: 1.3x" in text and "job/tutorial: 13.0x" in text and text.count("\n") > 8
+
+
+def test_the_architectures_have_their_real_sizes():
+    from transformers import AutoConfig
+
+    from job.speed import Shape
+
+    sizes = {}
+    for arch, spec in bench.ARCHITECTURES.items():
+        spec = dict(spec)
+        sizes[arch] = Shape.of(AutoConfig.for_model(spec.pop("model_type"), **spec)).params
+    assert sizes["llama-3-8b"] == pytest.approx(8.03e9, rel=0.01)
+    assert sizes["mistral-7b"] == pytest.approx(7.25e9, rel=0.01)
+
+
+def test_bench_says_it_needs_a_gpu(hf_home):
+    import torch
+
+    from tests.jobtools import run_job
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    result = run_job(hf_home, "bench", "--steps", "1")
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_a_tiny_phase_runs_end_to_end_on_cpu(tiny_model):
+    """The phase machinery (settings, levers, trainer, token count, timing) on the tiny model: tokens per step is
+    what the padding-free collator packed (no padding), and a padded recipe counts only non-pad tokens."""
+    rows = bench.make_rows(120, 1024, 256, seed=0, median=60)
+    opts = bench.Options(max_length=256, warmup=1, steps=2)
+    job = bench.run_phase(bench.Phase("job", "job"), Path(tiny_model), rows, opts)
+    assert job.ok, job.error
+    assert job.levers["attn_implementation"] == "sdpa" and job.steps == 2
+    assert 900 <= job.tokens_per_step <= 4 * 256 and job.tokens_per_s > 0
+    padded = bench.run_phase(bench.Phase("tutorial", "stock", bench.Stock(
+        packing=False, attn="sdpa", liger=False, recompute=True, batch=4, pad_to_max=True)), Path(tiny_model), rows, opts)
+    assert padded.ok, padded.error
+    assert padded.tokens_per_step < 4 * 256  # pad tokens are not counted
