@@ -42,6 +42,8 @@ RUN set -eu; \
 # pip cache lives in a build cache mount and the sources in this stage only.
 FROM os AS builder
 ARG TORCH_SPEC=torch==2.13.0
+# GPU extras (liger kernels, DeepSpeed); the CPU test build passes an empty value
+ARG EXTRA_REQUIREMENTS=requirements-gpu.txt
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -50,7 +52,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 
 # Dependencies first: this layer is rebuilt only when the lock files (or TORCH_SPEC) change.
-COPY requirements.txt constraints.txt /lock/
+COPY requirements.txt requirements-gpu.txt constraints.txt /lock/
 COPY image/constraints-cuda.txt /lock/
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=image/wheels,target=/wheels \
@@ -59,7 +61,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     /opt/venv/bin/pip install --only-binary=:all: \
         -c /lock/constraints.txt -c /lock/constraints-cuda.txt \
-        "${TORCH_SPEC}" -r /lock/requirements.txt; \
+        "${TORCH_SPEC}" -r /lock/requirements.txt ${EXTRA_REQUIREMENTS:+-r /lock/$EXTRA_REQUIREMENTS}; \
     /opt/venv/bin/pip check
 
 # Then the package itself (no dependencies: they are all above). Only what the distribution is

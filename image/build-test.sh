@@ -36,6 +36,7 @@ bah bud --layers="$LAYERS" --isolation chroot \
   -f "$REPO_ROOT/Dockerfile" \
   --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   --build-arg "TORCH_SPEC=/wheels/$wheel" \
+  --build-arg "EXTRA_REQUIREMENTS=" \
   "${extra[@]}" "$@" \
   -t "$TEST_IMAGE" "$CONTEXT"
 log "built $TEST_IMAGE in $((SECONDS - t0))s"
