@@ -666,18 +666,7 @@ def longctx_attention_forward(module, query, key, value, attention_mask, dropout
             or key.shape[2] != length or dropout):
         return speed.varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                               scaling=scaling, is_causal=is_causal, **kwargs)
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and kwargs.get("max_length_q") and batch == 1:
-        cu, longest = cu.to(device=query.device, dtype=torch.int32), int(kwargs["max_length_q"])
-    else:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(length, device=query.device)[None]
-        cu, longest = speed.sequence_bounds(position_ids, batch, length)
-    scale = scaling if scaling is not None else dim**-0.5
-    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
-    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
-    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
+    q, k, v, cu, longest, scale = speed.flatten_for_varlen(query, key, value, scaling, kwargs)
     out = _CachedAttention.apply(q, k, v, cu, longest, scale, mode.store, layer)
     return out.view(batch, length, heads, dim), None
 

@@ -551,6 +551,24 @@ def _varlen_reference(q, k, v, cu, scale):
     return out
 
 
+def flatten_for_varlen(query, key, value, scaling, kwargs):
+    """(batch, heads, length, dim) tensors as one token-major sequence, with the samples' boundaries."""
+    batch, heads, length, dim = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and kwargs.get("max_length_q") and batch == 1:
+        cu, longest = cu.to(device=query.device, dtype=torch.int32), int(kwargs["max_length_q"])
+    else:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=query.device)[None]
+        cu, longest = sequence_bounds(position_ids, batch, length)
+    scale = scaling if scaling is not None else dim**-0.5
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
+    return q, k, v, cu, longest, scale
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              is_causal=None, **kwargs):
     """transformers attention interface: query (B, Hq, T, D), key/value (B, Hkv, S, D) -> (B, T, Hq, D).
@@ -565,18 +583,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     if attention_mask is not None or key.shape[2] != length or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and kwargs.get("max_length_q") and batch == 1:
-        cu, longest = cu.to(device=query.device, dtype=torch.int32), int(kwargs["max_length_q"])
-    else:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(length, device=query.device)[None]
-        cu, longest = sequence_bounds(position_ids, batch, length)
-    scale = scaling if scaling is not None else dim**-0.5
-    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
-    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
-    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
+    q, k, v, cu, longest, scale = flatten_for_varlen(query, key, value, scaling, kwargs)
     out = _varlen(q, k, v, cu, longest, scale) if query.is_cuda else _varlen_reference(q, k, v, cu, scale)
     return out.view(batch, length, heads, dim), None
 
