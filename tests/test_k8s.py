@@ -10,7 +10,6 @@ what the kubelet adds) the manifests give them; they train the tiny default toge
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from job import config, launch
+from tests.cluster.slurm import pick_subnet
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -184,17 +184,6 @@ def _image() -> dict:
     return image
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
-    used += subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
-    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"(\d+\.\d+\.\d+\.\d+/\d+)", used)]
-    for _ in range(100):
-        net = ipaddress.ip_network(f"10.78.{random.randrange(256)}.0/24")
-        if not any(net.overlaps(t) for t in taken):
-            return net
-    raise RuntimeError("no free 10.78.X.0/24")
-
-
 def _netns_pids(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -206,7 +195,7 @@ def pod_network(count: int):
     (namespace, address) per pod. Everything made is removed afterwards, the processes inside killed."""
     assert count == 2, "one veth pair joins two pods"
     rid = "".join(random.choices(string.ascii_lowercase, k=4))
-    net = _free_subnet()
+    net = pick_subnet(78)
     hosts = [str(h) for h in list(net.hosts())[:count]]
     names = [f"k8s-{rid}-{i}" for i in range(count)]
     try:

@@ -185,14 +185,15 @@ def _free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def _pick_subnet() -> ipaddress.IPv4Network:
+def pick_subnet(second_octet: int = 77) -> ipaddress.IPv4Network:
+    """A random 10.N.X.0/24 that no interface or route on this machine uses (also used by tests/test_k8s.py)."""
     used = _run(["ip", "-4", "-o", "addr"], timeout=10).stdout + _run(["ip", "-4", "route"], timeout=10).stdout
     taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"(\d+\.\d+\.\d+\.\d+/\d+)", used)]
     for _ in range(200):
-        net = ipaddress.ip_network(f"10.77.{random.randrange(0, 256)}.0/24")
+        net = ipaddress.ip_network(f"10.{second_octet}.{random.randrange(0, 256)}.0/24")
         if not any(net.overlaps(t) for t in taken):
             return net
-    raise SlurmHarnessError("no free 10.77.X.0/24 subnet")
+    raise SlurmHarnessError(f"no free 10.{second_octet}.X.0/24 subnet")
 
 
 def _parse_kv_line(line: str) -> dict[str, str]:
@@ -256,7 +257,7 @@ class SlurmCluster:
         self.rid = "".join(random.choices(string.ascii_lowercase, k=4))
         self.runtime_dir = RUNTIME_ROOT / self.rid
         self.cluster_name = f"t{self.rid}"
-        net = _pick_subnet()
+        net = pick_subnet()
         hosts = list(net.hosts())
         self.subnet = net
         self.controller_addr = str(hosts[0])  # .1
