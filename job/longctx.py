@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -536,31 +537,32 @@ LONGCTX_ATTENTION = "longctx"
 
 
 class _CachedAttention(torch.autograd.Function):
-    """Causal varlen attention whose output and log-sum-exp are offloaded in the forward and brought back for
-    the recompute, so a checkpointed layer's recompute does not run the attention forward again.
+    """Causal attention within each sample (cuDNN for one sample, flash varlen for packed ones) whose output and
+    log-sum-exp, with a `store`, are offloaded in the forward and brought back for the recompute, so a
+    checkpointed layer's recompute does not run the attention forward again.
 
-    q (T, Hq, D), k/v (T, Hkv, D), cu (N+1,) int32. Backward is the flash varlen backward from the saved q, k,
+    q (T, Hq, D), k/v (T, Hkv, D), cu (N+1,) int32. Backward is the kernel's own backward from the saved q, k,
     v (recomputed), out and lse (brought back). On CPU (tests) the output is per-sample sdpa and the backward
     recomputes it under autograd.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, longest: int, scale: float, store: Offloader, layer: int):
+    def forward(ctx, q, k, v, cu, longest: int, scale: float, store: Offloader | None, layer: int):
         ctx.longest, ctx.scale, ctx.cuda = longest, scale, q.is_cuda
         key = ("attn", layer)
-        if _in_backward() and store.has(key + ("out",)):
+        if store is not None and _in_backward() and store.has(key + ("out",)):
             out = store.take(key + ("out",))
             lse = store.take(key + ("lse",)) if q.is_cuda else out.new_empty(0)
         elif q.is_cuda:
-            out, lse = _varlen_forward(q, k, v, cu, longest, scale)
-            if not _in_backward():
+            out, lse = attention_forward(q, k, v, cu, longest, scale)
+            if store is not None and not _in_backward():
                 store.put(key + ("out",), layer, out, slot=("attn_out", layer))
                 store.put(key + ("lse",), layer, lse, slot=("attn_lse", layer))
         else:
             from job.speed import _varlen_reference
 
             out, lse = _varlen_reference(q, k, v, cu, scale), q.new_empty(0)
-            if not _in_backward():
+            if store is not None and not _in_backward():
                 store.put(key + ("out",), layer, out)
         ctx.save_for_backward(q, k, v, cu, out, lse)
         return out
@@ -569,7 +571,7 @@ class _CachedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, cu, out, lse = ctx.saved_tensors
         if ctx.cuda:
-            dq, dk, dv = _varlen_backward(grad_out, q, k, v, out, lse, cu, ctx.longest, ctx.scale)
+            dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu, ctx.longest, ctx.scale)
         else:
             from job.speed import _varlen_reference
 
@@ -595,6 +597,51 @@ def _gqa_native() -> bool:
 def _expand(k, v, heads: int):
     repeat = heads // k.shape[1]
     return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+
+CUDNN_ATTENTION = {"usable": True}  # turned off by the self-check when cuDNN's kernel disagrees on this machine
+
+
+def _one_sequence(q, cu) -> bool:
+    """A row that is one sample (the long-document case): cuDNN's attention kernel takes it, 1.7x the flash
+    kernel's speed forward + backward on an H100 at 8,192-131,072 tokens (scripts/gpu/attention_bench.py)."""
+    return q.is_cuda and cu.numel() == 2 and CUDNN_ATTENTION["usable"] and torch.backends.cudnn.is_available()
+
+
+def _bhtd(t):
+    """A token-major (T, H, D) tensor as the (1, H, T, D) view sdpa's kernels take (no copy)."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def attention_forward(q, k, v, cu, longest: int, scale: float):
+    """out (T, Hq, D) and the log-sum-exp of causal attention within each sample: cuDNN for one sample,
+    PyTorch's flash varlen kernel for packed samples (torch.ops, with the forward's saved state for
+    `attention_backward`)."""
+    if not _one_sequence(q, cu):
+        return _varlen_forward(q, k, v, cu, longest, scale)
+    if k.shape[1] != q.shape[1]:
+        k, v = _expand(k, v, q.shape[1])
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _bhtd(q), _bhtd(k), _bhtd(v), None, True, 0.0, True, False, scale=scale)[:2]
+    return out.transpose(1, 2).squeeze(0), lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: float):
+    if not _one_sequence(q, cu):
+        return _varlen_backward(grad_out, q, k, v, out, lse, cu, longest, scale)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads:
+        k, v = _expand(k, v, heads)
+    unused = torch.zeros(1, dtype=torch.int64, device=q.device)  # dropout's seed and offset (no dropout)
+    empty = unused.new_empty(0)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _bhtd(grad_out.contiguous()), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(out.contiguous()), lse, unused, unused,
+        empty, empty, empty, q.shape[0], q.shape[0], 0.0, True, scale=scale)
+    dq, dk, dv = (t.transpose(1, 2).squeeze(0) for t in (dq, dk, dv))
+    if kv_heads != heads:
+        dk = dk.reshape(dk.shape[0], kv_heads, -1, dk.shape[-1]).sum(2)
+        dv = dv.reshape(dv.shape[0], kv_heads, -1, dv.shape[-1]).sum(2)
+    return dq, dk, dv
 
 
 def _varlen_forward(q, k, v, cu, longest: int, scale: float):
@@ -628,46 +675,57 @@ def _varlen_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: float
 
 
 def attention_self_check(device: torch.device) -> str | None:
-    """On the GPU: the cached attention's own forward and backward against job.speed's varlen attention under
-    autograd (bf16, two samples, GQA). None when they agree, else why (the cache is then left off)."""
+    """On the GPU: this module's attention kernels, forward and backward, against job.speed's varlen attention
+    under autograd (bf16, GQA): two packed samples (flash varlen), then one sample (cuDNN). A cuDNN failure
+    turns cuDNN off (packed and single rows then both take flash varlen); None when the kernels are usable, else
+    why (the mode then keeps job.speed's attention, recomputed)."""
     from job import speed
 
-    try:
+    def check(lengths) -> str | None:
         generator = torch.Generator(device=device).manual_seed(0)
-        lengths = [300, 211]
-        cu = torch.tensor([0, 300, 511], dtype=torch.int32, device=device)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
         q, k, v = (torch.randn(sum(lengths), h, 64, device=device, dtype=torch.bfloat16, generator=generator)
                    for h in (8, 2, 2))
         grad = torch.randn_like(q)
-        out, lse = _varlen_forward(q, k, v, cu, max(lengths), 0.125)
-        dq, dk, dv = _varlen_backward(grad, q, k, v, out, lse, cu, max(lengths), 0.125)
+        out, lse = attention_forward(q, k, v, cu, max(lengths), 0.125)
+        dq, dk, dv = attention_backward(grad, q, k, v, out, lse, cu, max(lengths), 0.125)
         qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        ref = speed._varlen(qr, kr, vr, cu, max(lengths), 0.125)
+        ref = speed._varlen_reference(qr, kr, vr, cu, 0.125)
         ref_grads = torch.autograd.grad(ref, (qr, kr, vr), grad)
         for name, got, want in (("out", out, ref), ("dq", dq, ref_grads[0]), ("dk", dk, ref_grads[1]),
                                 ("dv", dv, ref_grads[2])):
             error = ((got.float() - want.float()).norm() / want.float().norm()).item()
             if not error < 2e-2:
-                return f"{name} differs from job.speed's varlen attention (relative error {error:.3g})"
-    except Exception as error:  # noqa: BLE001 - any failure leaves the cache off, the mode on
+                return f"{name} differs from sdpa one sample at a time (relative error {error:.3g})"
+        return None
+
+    try:
+        problem = check([300, 211])
+        if problem:
+            return f"flash varlen: {problem}"
+        problem = check([1000]) if torch.backends.cudnn.is_available() else None
+    except Exception as error:  # noqa: BLE001 - any failure leaves the mode on job.speed's attention
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    if problem:
+        CUDNN_ATTENTION["usable"] = False
+        log.warning("long-context: cuDNN attention off (its self-check failed: %s)", problem)
     return None
 
 
 def longctx_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                               is_causal=None, **kwargs):
-    """transformers attention interface: job.speed's varlen attention, with the cache when training."""
+    """transformers attention interface: this module's kernels (with the cache when asked) while training."""
     from job import speed
 
     # set by `install` on the layer's modules (not thread-local: CUDA backward runs on autograd's own thread)
     mode, layer = getattr(module, "_longctx_mode", None), getattr(module, "_longctx_layer", None)
     batch, heads, length, dim = query.shape
-    if (mode is None or not mode.cache or not torch.is_grad_enabled() or attention_mask is not None
+    if (mode is None or not mode.own_kernels or not torch.is_grad_enabled() or attention_mask is not None
             or key.shape[2] != length or dropout):
         return speed.varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                               scaling=scaling, is_causal=is_causal, **kwargs)
     q, k, v, cu, longest, scale = speed.flatten_for_varlen(query, key, value, scaling, kwargs)
-    out = _CachedAttention.apply(q, k, v, cu, longest, scale, mode.store, layer)
+    out = _CachedAttention.apply(q, k, v, cu, longest, scale, mode.store if mode.cache else None, layer)
     return out.view(batch, length, heads, dim), None
 
 
@@ -688,6 +746,7 @@ class LongContext:
 
     def __init__(self, hf_model, store: Offloader, cache: bool):
         self.hf, self.store, self.cache = hf_model, store, cache
+        self.own_kernels = True  # this module's attention kernels (off: job.speed's, and no cache)
         self.layers = _decoder_layers(hf_model)
 
     def checkpoint(self, index: int, function, *args, **kwargs):
@@ -766,7 +825,7 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
     if final_norm is not None and not _is_liger(final_norm):
         chunk_module(final_norm, norm_tokens)
 
-    # attention: the varlen kernel (packed samples apart, linear memory), cached when asked
+    # attention: per-sample kernels (packed samples apart, linear memory), the output cached when asked
     from job import speed
 
     implementation = hf.config._attn_implementation
@@ -781,13 +840,14 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
         if hf.config._attn_implementation != LONGCTX_ATTENTION:
             hf.config._attn_implementation = LONGCTX_ATTENTION
     else:
-        mode.cache = False
+        mode.cache = mode.own_kernels = False
         log.warning("long-context mode keeps ATTN_IMPLEMENTATION=%s (no attention-output cache)", implementation)
-    if mode.cache and device.type == "cuda":
+    if mode.own_kernels and device.type == "cuda":
         problem = attention_self_check(device)
         if problem:
-            mode.cache = False
-            log.warning("long-context: attention-output cache off, its self-check failed: %s", problem)
+            mode.cache = mode.own_kernels = False
+            log.warning("long-context: job.speed's attention, no attention-output cache (the self-check of this "
+                        "mode's kernels failed: %s)", problem)
 
     # every layer checkpointed through our function, also after the Trainer (re)enables checkpointing
     original = hf.activation_checkpointing_enable

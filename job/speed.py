@@ -520,6 +520,9 @@ _VARLEN_ARGS: dict = {}
 def _varlen(q, k, v, cu, longest, scale):
     from torch.nn.attention.varlen import varlen_attn
 
+    if cu.numel() == 2:  # one sample in the row: cuDNN's kernel is 1.6-1.7x flash's on an H100 (docs/long-context.md)
+        return _one_sample(q, k, v, scale)
+
     if not _VARLEN_ARGS:
         params = inspect.signature(varlen_attn).parameters
         _VARLEN_ARGS.update(causal=("is_causal" in params), window=("window_size" in params),
@@ -536,6 +539,19 @@ def _varlen(q, k, v, cu, longest, scale):
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+
+
+def _one_sample(q, k, v, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q.shape[1] != k.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    q, k, v = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(backends, set_priority=True):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(1, 2).squeeze(0)
 
 
 def _varlen_reference(q, k, v, cu, scale):
@@ -585,7 +601,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
                                       is_causal=is_causal, **kwargs)
     q, k, v, cu, longest, scale = flatten_for_varlen(query, key, value, scaling, kwargs)
     out = _varlen(q, k, v, cu, longest, scale) if query.is_cuda else _varlen_reference(q, k, v, cu, scale)
-    return out.view(batch, length, heads, dim), None
+    return out.reshape(batch, length, heads, dim), None
 
 
 # -------------------------------------------------------------------------------------- packing guard

@@ -162,9 +162,10 @@ def test_long_context_path_matches_plain_path(tmp_path, hf_home, packing, length
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run it on the GPU machine")
-def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home):
-    """On a GPU: the real side-stream copies, pinned buffers and flash varlen kernels (bf16, so looser)."""
-    trainer, batch = _trainer(tmp_path, True, (300, 700, 200), cuda=True)
+@pytest.mark.parametrize("lengths", [(300, 700, 200), (1200,)], ids=["packed-flash-varlen", "one-sample-cudnn"])
+def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home, lengths):
+    """On a GPU: the real side-stream copies, pinned buffers, flash varlen and cuDNN kernels (bf16, so looser)."""
+    trainer, batch = _trainer(tmp_path, True, lengths, cuda=True)
     plain_loss, plain_grads = _loss_and_grads(trainer, batch)
     mode = longctx.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=256, norm_tokens=384)
     mode.store.min_bytes = 0  # the tiny model's checkpoints are far below the usual 1 MiB
@@ -173,6 +174,7 @@ def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home):
     torch.testing.assert_close(long_loss, plain_loss, rtol=1e-2, atol=1e-2)
     errors = {n: ((long_grads[n] - g).float().norm() / g.float().norm()).item() for n, g in plain_grads.items()}
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    assert mode.own_kernels and longctx.CUDNN_ATTENTION["usable"]  # both kernels passed the install self-check
     layers = len(mode.layers)
     assert mode.store.counters["put"] == 2 * layers == mode.store.counters["take"]
     assert mode.store.counters["prefetched"] >= 2 * layers - 3, mode.store.counters
