@@ -14,9 +14,10 @@ intermediates are 7 GiB each, and full logits would be 64 GiB in bf16. This mode
                   chunking costs no extra FLOPs there.
     loss          TRL 1.16's fused LM head (SFTTrainer's default) already scores 4,096 tokens x 32,768 vocab
                   tiles without the full logits: used as is.
-    attention     flash attention over cu_seqlens (job.speed's "varlen": linear memory, packed samples kept
-                  apart). With host memory to spare, the attention output and its log-sum-exp are offloaded
-                  too, so the recompute does not run the attention forward a second time.
+    attention     cuDNN's kernel for a row that is one sample (1.7x flash on an H100), flash varlen over
+                  cu_seqlens for packed samples (kept apart without a mask); memory linear in the length. With
+                  host memory to spare, the attention output and its log-sum-exp are offloaded too, so the
+                  recompute does not run the attention forward a second time.
     RoPE          a length past the model's trained context is warned about (`rope_note`); positions are what
                   the model's RoPE settings give.
 
@@ -632,11 +633,12 @@ def attention_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: flo
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads != heads:
         k, v = _expand(k, v, heads)
-    unused = torch.zeros(1, dtype=torch.int64, device=q.device)  # dropout's seed and offset (no dropout)
-    empty = unused.new_empty(0)
+    unused = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's seed and offset (no dropout)
+    # no bias, and None as the sequence offsets, as the forward returns them for a dense batch (a tensor there,
+    # even empty, selects the nested-tensor path)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         _bhtd(grad_out.contiguous()), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(out.contiguous()), lse, unused, unused,
-        empty, empty, empty, q.shape[0], q.shape[0], 0.0, True, scale=scale)
+        None, None, None, q.shape[0], q.shape[0], 0.0, True, scale=scale)
     dq, dk, dv = (t.transpose(1, 2).squeeze(0) for t in (dq, dk, dv))
     if kv_heads != heads:
         dk = dk.reshape(dk.shape[0], kv_heads, -1, dk.shape[-1]).sum(2)
@@ -699,13 +701,16 @@ def attention_self_check(device: torch.device) -> str | None:
                 return f"{name} differs from sdpa one sample at a time (relative error {error:.3g})"
         return None
 
-    try:
-        problem = check([300, 211])
-        if problem:
-            return f"flash varlen: {problem}"
-        problem = check([1000]) if torch.backends.cudnn.is_available() else None
-    except Exception as error:  # noqa: BLE001 - any failure leaves the mode on job.speed's attention
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    def failure(lengths) -> str | None:
+        try:
+            return check(lengths)
+        except Exception as error:  # noqa: BLE001 - any failure is the kernel's: it is not used
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+    problem = failure([300, 211])
+    if problem:
+        return f"flash varlen: {problem}"
+    problem = failure([1000]) if torch.backends.cudnn.is_available() else "cuDNN not available"
     if problem:
         CUDNN_ATTENTION["usable"] = False
         log.warning("long-context: cuDNN attention off (its self-check failed: %s)", problem)
@@ -985,8 +990,7 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
                                 if f.metadata["group"] in ("speed", "model")}}
                 flags = {"base_model": model_dir, "output_dir": scratch, "max_length": length,
                          "micro_batch_size": 1, "grad_accum": 1, "long_context": "on",
-                         "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib,
-                         "offload_embeddings": "false"}  # job.speed's planner does not know this mode
+                         "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib}
                 s = job_config.load(flags, environ=env)
                 levers = speed.setup(s, model_dir)
                 base = job_model.load_model(s, model_dir, device_map={"": 0} if cuda else None,

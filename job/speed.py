@@ -391,6 +391,10 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         why["offload_embeddings"] = "forced by OFFLOAD_EMBEDDINGS" if lv.offload_embeddings else "off (a GPU lever)"
         return
 
+    if _long_context(s):
+        _plan_long_context(s, shape, device, lv, why)
+        return
+
     micro_options = [m for m in range(min(rows, s.micro_batch_size), 0, -1) if rows % m == 0]
     forced = s.gradient_checkpointing
     if s.offload_embeddings == "true" and not shape.plain_head:
@@ -465,6 +469,30 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
                                  "output layer streamed in chunks): nothing fits with them on the GPU"
                                  if lv.offload_embeddings else "kept on the GPU")
     why["estimate"] = f"estimated peak {lv.estimated_peak_gib} GiB of {where}"
+
+
+def _long_context(s: Settings) -> bool:
+    """Whether job.longctx's mode takes the memory plan over (its own rule, less the data it sees later)."""
+    from job import longctx  # imported here: longctx uses this module
+
+    return s.long_context == "on" or (s.long_context == "auto"
+                                      and s.micro_batch_size * s.max_length >= longctx.AUTO_TOKENS)
+
+
+def _plan_long_context(s: Settings, shape: Shape, device: Device, lv: Levers, why: dict) -> None:
+    """Long-context mode recomputes every layer from checkpoints in pinned CPU memory and keeps the embeddings
+    on the GPU (its chunked layers and the streamed output layer do not mix); its own plan estimates memory."""
+    if s.offload_embeddings == "true":
+        raise ConfigError("OFFLOAD_EMBEDDINGS=true does not combine with the long-context mode (LONG_CONTEXT="
+                          f"{s.long_context}, MAX_LENGTH={s.max_length}): use auto or false")
+    lv.checkpointing, lv.checkpoint_layers = "offload", shape.layers
+    lv.micro_batch_size, lv.grad_accum = s.micro_batch_size, s.grad_accum
+    lv.offload_embeddings = lv.dequant_cache = False
+    lv.estimated_peak_gib = 0.0
+    mode = "LONG_CONTEXT=on" if s.long_context == "on" else f"{s.micro_batch_size * s.max_length:,} tokens a micro-batch"
+    for name in ("checkpointing", "micro_batch_size", "offload_embeddings", "dequant_cache"):
+        why[name] = f"long-context mode ({mode}): see long_context"
+    why["estimate"] = "long-context mode: see long_context for its GPU and CPU memory estimate"
 
 
 # ------------------------------------------------------------------------------------- applying levers

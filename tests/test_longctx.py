@@ -176,7 +176,8 @@ def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home, lengths):
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     assert mode.own_kernels and longctx.CUDNN_ATTENTION["usable"]  # both kernels passed the install self-check
     layers = len(mode.layers)
-    assert mode.store.counters["put"] == 2 * layers == mode.store.counters["take"]
+    # per layer: its checkpoint, the attention output and its log-sum-exp
+    assert mode.store.counters["put"] == 3 * layers == mode.store.counters["take"]
     assert mode.store.counters["prefetched"] >= 2 * layers - 3, mode.store.counters
     assert mode.store.pin_method and not mode.store.entries
 
@@ -273,3 +274,18 @@ def test_search_doubles_then_bisects(limit):
     else:
         assert found["longest"] == 0
     assert len(seen) < 12 and math.isfinite(len(seen))
+
+
+def test_the_speed_planner_leaves_memory_to_the_long_context_mode():
+    """At 65,536 tokens under a 24 GiB cap job.speed once moved the embeddings to CPU memory, which the mode's
+    chunked layers do not handle (a device run failed on it): in the mode, speed plans no memory of its own."""
+    shape = speed.Shape(**LLAMA_8B)
+    capped = dataclasses_replace(H100, budget_gib=24.0, capped=True)
+    for s in (settings(max_length=65536), settings(max_length=8192, long_context="on")):
+        levers = _levers(s, shape, capped)
+        assert (levers.checkpointing, levers.checkpoint_layers, levers.offload_embeddings) == ("offload", 32, False)
+        assert "long-context mode" in levers.reasons["checkpointing"]
+    plain = _levers(settings(max_length=2048), shape, dataclasses_replace(H100, budget_gib=8.0, capped=True))
+    assert plain.offload_embeddings  # outside the mode the 8 GiB plan still moves them
+    with pytest.raises(ConfigError, match="OFFLOAD_EMBEDDINGS=true does not combine with the long-context mode"):
+        _levers(settings(max_length=65536, offload_embeddings="true"), shape, capped)
