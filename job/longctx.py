@@ -606,7 +606,8 @@ CUDNN_ATTENTION = {"usable": True}  # turned off by the self-check when cuDNN's 
 def _one_sequence(q, cu) -> bool:
     """A row that is one sample (the long-document case): cuDNN's attention kernel takes it, 1.7x the flash
     kernel's speed forward + backward on an H100 at 8,192-131,072 tokens (scripts/gpu/attention_bench.py)."""
-    return q.is_cuda and cu.numel() == 2 and CUDNN_ATTENTION["usable"] and torch.backends.cudnn.is_available()
+    return (q.is_cuda and cu.numel() == 2 and q.shape[-1] <= 128  # head sizes the self-check and bench cover
+            and CUDNN_ATTENTION["usable"] and torch.backends.cudnn.is_available())
 
 
 def _bhtd(t):
