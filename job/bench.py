@@ -515,7 +515,8 @@ def _describe_levers(levers: dict) -> str:
              {"none": "no recompute", "full": "recompute all", "offload": "recompute+offload",
               "partial": f"recompute {levers['checkpoint_layers']} layers"}[levers["checkpointing"]],
              f"batch {levers['micro_batch_size']}x{levers['grad_accum']}",
-             "embeddings on CPU" if levers["offload_embeddings"] else ""]
+             ("embeddings on CPU" if levers.get("offload_head") else "input embedding on CPU")
+             if levers["offload_embeddings"] else ""]
     return "job: " + ", ".join(p for p in parts if p)
 
 

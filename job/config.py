@@ -114,8 +114,9 @@ class Settings:
     dequant_cache: str = setting("auto", "Keep a 16-bit copy of the frozen 4-bit weights on the GPU instead of "
                                  "dequantizing them every pass; auto does when the memory left allows.",
                                  choices=("auto", "true", "false"), group="speed", identity=False)
-    offload_embeddings: str = setting("auto", "Keep the frozen input embedding table in CPU memory (saves its "
-                                      "GPU memory at a small copy cost); auto does only when memory is short.",
+    offload_embeddings: str = setting("auto", "Keep the frozen input embedding table in CPU memory (a row gather "
+                                      "a step), and the output layer too, streamed in chunks; true moves both; auto "
+                                      "moves the input table, or both, only when that buys a faster plan or any.",
                                       choices=("auto", "true", "false"), group="speed", identity=False)
     gpu_memory_gib: float = setting(0.0, "Cap on the GPU memory the job may use, in GiB, as on a smaller card; "
                                     "0 means the card's free memory. The speed choice plans within it.",

@@ -65,6 +65,7 @@ RECOMPUTE_GPU = 0.55      # a recomputed layer's extra GPU time, relative to its
 RECOMPUTE_CPU = 0.33      # ... and extra host time (its forward is dispatched again)
 OFFLOAD_COST = 0.15       # checkpoints to pinned CPU memory and back, per token
 HEAD_STREAM_TOKENS = 1000  # the output layer over PCIe twice a micro-step (2 x 1 GiB at ~25 GB/s)
+INPUT_GATHER_TOKENS = 300  # the input rows gathered and pinned on the CPU before the GPU starts (~64 MiB, ~25 ms)
 
 
 # --------------------------------------------------------------------------------------------- the device
@@ -176,7 +177,8 @@ class Levers:
     checkpoint_layers: int = 0        # decoder layers recomputed in backward
     micro_batch_size: int = 1
     grad_accum: int = 1
-    offload_embeddings: bool = False
+    offload_embeddings: bool = False  # the input embedding table in CPU memory
+    offload_head: bool = False        # ... and the output layer too, streamed in chunks
     dataloader_workers: int = 0
     estimated_peak_gib: float = 0.0
     budget_gib: float = 0.0
@@ -269,8 +271,8 @@ def transient_bytes(shape: Shape, tokens: int, streamed_head: bool = False) -> f
 def estimate_gib(shape: Shape, s: Settings, levers: Levers, tokens: int) -> float:
     """Peak GPU memory of a training step of `tokens` tokens per micro-batch."""
     static = shape.linear_params * WEIGHT_BYTES[s.quantization]
-    if not levers.offload_embeddings:  # else both live in CPU memory
-        static += shape.embedding_params * 2 * (1 if shape.tied else 2)
+    table = shape.embedding_params * 2
+    static += (0 if levers.offload_embeddings else table) + (0 if shape.tied or levers.offload_head else table)
     lora_bytes = 8 if s.quantization != "none" else 16  # bf16 adapters (TRL casts them under QLoRA) + Adam
     static += shape.lora_params(s.lora_r) * lora_bytes
     if levers.dequant_cache:
@@ -282,7 +284,7 @@ def estimate_gib(shape: Shape, s: Settings, levers: Levers, tokens: int) -> floa
         per_token += recomputed * 2 * shape.hidden   # each recomputed layer keeps its input
     if recomputed:
         per_token += activation_bytes(shape, levers, s.lora_dropout)  # the layer being recomputed
-    total = static + tokens * per_token + transient_bytes(shape, tokens, levers.offload_embeddings)
+    total = static + tokens * per_token + transient_bytes(shape, tokens, levers.offload_head)
     return total / GiB + OVERHEAD_GIB
 
 
@@ -292,11 +294,12 @@ def usable_gib(budget: float) -> float:
     return budget - max(0.25, 0.07 * budget)
 
 
-def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False) -> float:
+def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False,
+              cpu_input: bool = False) -> float:
     """Relative time per token of a micro-step (lower is faster): max(host, GPU) over the tokens."""
     share = recomputed / max(1, layers)
     gpu = tokens * (1 + RECOMPUTE_GPU * share + (OFFLOAD_COST if offload else 0.0))
-    gpu += HEAD_STREAM_TOKENS if streamed_head else 0
+    gpu += (HEAD_STREAM_TOKENS if streamed_head else 0) + (INPUT_GATHER_TOKENS if cpu_input else 0)
     host = CPU_TOKENS * (1 + RECOMPUTE_CPU * share)
     return max(gpu, host) / tokens
 
@@ -383,7 +386,7 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         mode = {"auto": "none", "true": "full", "false": "none", "offload": "full"}[s.gradient_checkpointing]
         lv.checkpointing, lv.checkpoint_layers = mode, layers if mode != "none" else 0
         lv.dequant_cache = s.dequant_cache == "true"
-        lv.offload_embeddings = s.offload_embeddings == "true"
+        lv.offload_embeddings = lv.offload_head = s.offload_embeddings == "true"
         why["checkpointing"] = ("forced by GRADIENT_CHECKPOINTING" if s.gradient_checkpointing != "auto" else
                                 "CPU: memory is not the limit, so nothing is recomputed")
         why["micro_batch_size"] = "as configured"
@@ -400,10 +403,14 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     if s.offload_embeddings == "true" and not shape.plain_head:
         raise ConfigError("OFFLOAD_EMBEDDINGS=true: this model scales or caps its logits, which the streamed "
                           "output layer does not do; use auto")
-    embed_options = {"auto": (False, True) if shape.plain_head else (False,), "true": (True,),
-                     "false": (False,)}[s.offload_embeddings]
+    # (input embedding, output layer) in CPU memory: the input alone costs a row gather a step; the output layer
+    # streams 2 x its size over PCIe a micro-step, and a tied one goes with the input
+    both, input_only = (True, True), (True, shape.tied)
+    embed_options = {"auto": ((False, False), input_only, both) if shape.plain_head else
+                     ((False, False),) if shape.tied else ((False, False), input_only),
+                     "true": (both,), "false": ((False, False),)}[s.offload_embeddings]
     best = None
-    for offload_embeddings in embed_options:
+    for offload_embeddings, offload_head in dict.fromkeys(embed_options):
         for m in micro_options:
             tokens = m * s.max_length
             if forced == "false":
@@ -418,9 +425,9 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
             for mode, k in modes:
                 plan = dataclasses.replace(lv, checkpointing=mode, checkpoint_layers=k, micro_batch_size=m,
                                            grad_accum=rows // m, offload_embeddings=offload_embeddings,
-                                           dequant_cache=False)
+                                           offload_head=offload_head, dequant_cache=False)
                 if fits(plan, tokens):
-                    cost = step_cost(tokens, k, layers, mode == "offload", offload_embeddings)
+                    cost = step_cost(tokens, k, layers, mode == "offload", offload_head, offload_embeddings)
                     if best is None or cost < best[0] - 1e-9:
                         best = (cost, plan, tokens)
                     break  # fewer recomputed layers at this micro batch did not fit; more only cost time
@@ -428,12 +435,14 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         plan = dataclasses.replace(lv, checkpointing="offload" if forced in ("auto", "offload") else
                                    {"true": "full", "false": "none"}[forced],
                                    checkpoint_layers=0 if forced == "false" else layers, micro_batch_size=1,
-                                   grad_accum=rows, offload_embeddings=s.offload_embeddings != "false")
+                                   grad_accum=rows, offload_embeddings=s.offload_embeddings != "false",
+                                   offload_head=s.offload_embeddings != "false" and shape.plain_head)
         best = (math.inf, plan, s.max_length)
         why["memory"] = (f"no plan fits {device.budget_gib:.1f} GiB by the estimate; trying the leanest one "
                          "(expect an out-of-memory error on a card this small)")
     _, plan, tokens = best
-    for name in ("checkpointing", "checkpoint_layers", "micro_batch_size", "grad_accum", "offload_embeddings"):
+    for name in ("checkpointing", "checkpoint_layers", "micro_batch_size", "grad_accum", "offload_embeddings",
+                 "offload_head"):
         setattr(lv, name, getattr(plan, name))
 
     # the weight cache: measured, it did not pay; forced on, it takes memory only when nothing else wants it
@@ -463,11 +472,13 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     why["dequant_cache"] = ("forced by DEQUANT_CACHE" if s.dequant_cache != "auto" else
                             "off: dequantizing per pass costs a few per cent of a step, the 16-bit copy "
                             f"{shape.linear_params * 2 / GiB:.1f} GiB (measured: no gain)")
-    tables = shape.embedding_params * 2 * (1 if shape.tied else 2) / GiB
+    table = shape.embedding_params * 2 / GiB
     why["offload_embeddings"] = ("forced by OFFLOAD_EMBEDDINGS" if s.offload_embeddings != "auto" else
-                                 f"the input and output embeddings ({tables:.1f} GiB) move to CPU memory (the "
-                                 "output layer streamed in chunks): nothing fits with them on the GPU"
-                                 if lv.offload_embeddings else "kept on the GPU")
+                                 f"the input embedding and the output layer ({2 * table:.1f} GiB) move to CPU memory "
+                                 "(the output layer streamed in chunks): nothing fits with them on the GPU"
+                                 if lv.offload_head and not shape.tied else
+                                 f"the input embedding ({table:.1f} GiB) moves to CPU memory (a row gather a step): "
+                                 "it buys a faster plan" if lv.offload_embeddings else "kept on the GPU")
     why["estimate"] = f"estimated peak {lv.estimated_peak_gib} GiB of {where}"
 
 
@@ -487,7 +498,7 @@ def _plan_long_context(s: Settings, shape: Shape, device: Device, lv: Levers, wh
                           f"{s.long_context}, MAX_LENGTH={s.max_length}): use auto or false")
     lv.checkpointing, lv.checkpoint_layers = "offload", shape.layers
     lv.micro_batch_size, lv.grad_accum = s.micro_batch_size, s.grad_accum
-    lv.offload_embeddings = lv.dequant_cache = False
+    lv.offload_embeddings = lv.offload_head = lv.dequant_cache = False
     lv.estimated_peak_gib = 0.0
     mode = "LONG_CONTEXT=on" if s.long_context == "on" else f"{s.micro_batch_size * s.max_length:,} tokens a micro-batch"
     for name in ("checkpointing", "micro_batch_size", "offload_embeddings", "dequant_cache"):
@@ -1000,7 +1011,9 @@ def device_map(levers: Levers, path: str, default):
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    offloaded = {id(skeleton.get_input_embeddings()), id(skeleton.get_output_embeddings())}
+    offloaded = {id(skeleton.get_input_embeddings())}
+    if levers.offload_head:
+        offloaded.add(id(skeleton.get_output_embeddings()))
     gpu = default[""]
     mapping: dict = {}
 
@@ -1114,8 +1127,9 @@ class _StreamedLogProb(torch.autograd.Function):
         return grad_hidden.to(hidden.dtype), None, None, None
 
 
-def offload_embeddings(model) -> None:
-    """Move the input embedding and the output layer to CPU memory (a no-op for ones already there)."""
+def offload_embeddings(model, head: bool = True) -> None:
+    """Move the input embedding and (with `head`) the output layer to CPU memory (a no-op for ones already
+    there)."""
     from accelerate.hooks import remove_hook_from_submodules
 
     remove_hook_from_submodules(model)  # the device map's own hooks; ours move the data
@@ -1124,9 +1138,9 @@ def offload_embeddings(model) -> None:
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, CpuEmbedding):
         model.set_input_embeddings(CpuEmbedding(embedding.weight, embedding.padding_idx, gpu))
-    head = model.get_output_embeddings()
-    if head is not None and not isinstance(head, StreamedHead):
-        model.set_output_embeddings(StreamedHead(head.weight, gpu))
+    output = model.get_output_embeddings()
+    if head and output is not None and not isinstance(output, StreamedHead):
+        model.set_output_embeddings(StreamedHead(output.weight, gpu))
     if getattr(model, "hf_device_map", None):
         # the CPU parts move their own data now; to accelerate the model is on one device again
         model.hf_device_map = {"": gpu.index if gpu.type == "cuda" else "cpu"}
@@ -1177,7 +1191,7 @@ def prepare_base(model, levers: Levers) -> None:
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False)
     if levers.offload_embeddings:
-        offload_embeddings(model)
+        offload_embeddings(model, head=levers.offload_head)
     if levers.checkpointing == "partial":
         _select_checkpointed_layers(model, levers.checkpoint_layers)
 
@@ -1200,9 +1214,11 @@ def _select_checkpointed_layers(model, count: int) -> None:
 def prepare_adapted(model, levers: Levers) -> dict:
     """Levers that act on the PEFT-wrapped model (after SFTTrainer has added the adapter)."""
     done = {}
-    if levers.offload_embeddings:
+    if levers.offload_head:
         install_streamed_head(model)
-        done["embeddings"] = "input and output embeddings in CPU memory"
+    if levers.offload_embeddings:
+        done["embeddings"] = ("input and output embeddings" if levers.offload_head else "input embedding") + \
+            " in CPU memory"
     if levers.lora_kernel:
         done["fused_lora_layers"] = install_lora_kernel(model)
     if levers.dequant_cache:
