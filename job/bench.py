@@ -59,12 +59,17 @@ class Stock:
     recompute: bool = False
     batch: int = 4
     pad_to_max: bool = False
+    accum: int = 1                    # gradient accumulation steps: rows per optimizer step = batch x accum
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.accum
 
     def describe(self, max_length: int) -> str:
         data = "packing (padding-free)" if self.packing else (
             f"padded to {max_length}" if self.pad_to_max else "dynamic padding")
         parts = [data, self.attn, "liger" if self.liger else "", "recompute" if self.recompute else "no recompute",
-                 f"batch {self.batch}"]
+                 f"batch {self.batch}" + (f"x{self.accum}" if self.accum > 1 else "")]
         return ", ".join(p for p in parts if p)
 
     def predicted_gib(self, max_length: int) -> float:
@@ -81,6 +86,12 @@ STOCK_BEST = Stock()
 # fit (and any further one when those run out of memory) and keeps the fastest.
 STOCK_UNDER_CAP = (Stock(batch=4), Stock(batch=2), Stock(recompute=True, batch=8), Stock(recompute=True, batch=4),
                    Stock(recompute=True, batch=2), Stock(batch=1), Stock(recompute=True, batch=1))
+
+
+def same_rows_recipes(rows: int) -> tuple:
+    """Stock recipes that train what the job trains (`rows` packed rows per optimizer step), fastest first: the
+    fastest stock recipe under a cap may take more rows a step than the job's settings, which is other training."""
+    return tuple(Stock(recompute=True, batch=b, accum=rows // b) for b in range(rows, 0, -1) if rows % b == 0)
 
 
 @dataclass
@@ -109,6 +120,7 @@ class Result:
     load_s: float = 0.0
     steps: int = 0
     levers: dict | None = None
+    rows_per_step: int = 0           # packed rows per optimizer step (batch x accumulation)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -339,6 +351,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 device = speed.probe(s.gpu_memory_gib)
                 levers = speed.choose(s, speed.Shape.of(cfg), device)
                 result.levers = levers.summary()
+                result.rows_per_step = levers.micro_batch_size * levers.grad_accum
                 log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()
                                                          if k not in ("why", "device", "budget_gib")))
                 base = job_model.load_model(s, str(nf4_dir),
@@ -350,12 +363,14 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 peft_config = job_model.lora_config(s, base)
             else:
                 stock = phase.stock
+                result.rows_per_step = stock.rows
                 s = job_config.load({"base_model": str(nf4_dir), "output_dir": scratch}, environ={})
                 base = AutoModelForCausalLM.from_pretrained(
                     nf4_dir, dtype=torch.bfloat16, quantization_config=job_model.quantization_config(s),
                     device_map={"": 0} if cuda else None, attn_implementation=stock.attn)
                 args = SFTConfig(**_sft_common(Path(scratch), opts.max_length, steps), packing=stock.packing,
                                  padding_free=stock.packing, per_device_train_batch_size=stock.batch,
+                                 gradient_accumulation_steps=stock.accum,
                                  activation_checkpointing=stock.recompute,
                                  activation_checkpointing_kwargs={"use_reentrant": False} if stock.recompute else None,
                                  use_liger_kernel=stock.liger,
@@ -493,6 +508,11 @@ def ratios(results: list[Result]) -> dict:
             out[key] = round(job.tokens_per_s / stock.tokens_per_s, 2)
         elif job:
             out[key] = "no stock recipe fits"
+        same = max((r for r in results if r.cap_gib == cap and r.name.startswith("stock") and r.ok and job
+                    and r.rows_per_step == job.rows_per_step), key=lambda r: r.tokens_per_s, default=None)
+        if job and same:
+            out[f"cap {cap:g} GiB job/stock at {job.rows_per_step} rows a step"] = round(
+                job.tokens_per_s / same.tokens_per_s, 2)
     return out
 
 
@@ -638,6 +658,19 @@ def run(opts: Options) -> dict:
             tried += result.ok
         if not any(r.ok for r in results if r.cap_gib == cap and r.name.startswith("stock")):
             log(f"memory cap {cap:g} GiB: no stock recipe fits")
+        job_rows = next((r.rows_per_step for r in results if r.cap_gib == cap and r.name.startswith("job")), 0)
+        if job_rows and not any(r.ok and r.rows_per_step == job_rows for r in results
+                                if r.cap_gib == cap and r.name.startswith("stock")):
+            for recipe in same_rows_recipes(job_rows):
+                if recipe.predicted_gib(opts.max_length) > cap:
+                    continue
+                log(f"memory cap {cap:g} GiB: stock at the job's {job_rows} rows a step, {recipe.describe(opts.max_length)}")
+                result = run_phase(Phase(f"stock@{cap:g}GiB {job_rows} rows", "stock", recipe, cap_gib=cap),
+                                   nf4_dir, rows, opts)
+                results.append(result)
+                report()
+                if result.ok:
+                    break
     return report()
 
 

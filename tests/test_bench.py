@@ -114,3 +114,22 @@ def test_a_tiny_phase_runs_end_to_end_on_cpu(tiny_model):
         packing=False, attn="sdpa", liger=False, recompute=True, batch=4, pad_to_max=True)), Path(tiny_model), rows, opts)
     assert padded.ok, padded.error
     assert padded.tokens_per_step < 4 * 256  # pad tokens are not counted
+    accumulated = bench.run_phase(bench.Phase("stock 2x2", "stock", bench.Stock(
+        attn="sdpa", liger=False, recompute=True, batch=2, accum=2)), Path(tiny_model), rows, opts)
+    assert accumulated.ok, accumulated.error
+    assert accumulated.rows_per_step == job.rows_per_step == 4
+    assert 900 <= accumulated.tokens_per_step <= 4 * 256  # an optimizer step is 2 micro-batches of 2 packed rows
+
+
+def test_under_a_cap_stock_is_also_timed_at_the_jobs_rows_per_step():
+    """The fastest stock recipe under 16-24 GiB takes 8 rows a step where the job's settings say 4: other
+    training. The same-rows recipes accumulate instead, and the ratio against them is reported on its own."""
+    assert [r.describe(2048).rsplit(", ", 1)[1] for r in bench.same_rows_recipes(4)] == ["batch 4", "batch 2x2",
+                                                                                         "batch 1x4"]
+    assert all(r.recompute and r.rows == 4 for r in bench.same_rows_recipes(4))
+    results = [bench.Result("job@16GiB", "job", 16.0, ok=True, tokens_per_s=10400.0, rows_per_step=4),
+               bench.Result("stock@16GiB", "stock", 16.0, ok=True, tokens_per_s=9041.0, rows_per_step=8),
+               bench.Result("stock@16GiB 4 rows", "stock", 16.0, ok=True, tokens_per_s=8000.0, rows_per_step=4)]
+    got = bench.ratios(results)
+    assert got["cap 16 GiB job/best stock"] == round(10400 / 9041, 2)
+    assert got["cap 16 GiB job/stock at 4 rows a step"] == 1.3
