@@ -664,7 +664,8 @@ def run(opts: Options) -> dict:
             for recipe in same_rows_recipes(job_rows):
                 if recipe.predicted_gib(opts.max_length) > cap:
                     continue
-                log(f"memory cap {cap:g} GiB: stock at the job's {job_rows} rows a step, {recipe.describe(opts.max_length)}")
+                log(f"memory cap {cap:g} GiB: stock at the job's {job_rows} rows a step, "
+                    f"{recipe.describe(opts.max_length)}")
                 result = run_phase(Phase(f"stock@{cap:g}GiB {job_rows} rows", "stock", recipe, cap_gib=cap),
                                    nf4_dir, rows, opts)
                 results.append(result)

@@ -101,8 +101,8 @@ class Settings:
                                           choices=("auto", "true", "false", "offload"), group="speed",
                                           identity=False)
     attn_implementation: str = setting("auto", "Attention kernel; varlen is PyTorch's built-in flash kernel over "
-                                       "packed rows (cuDNN's for a row that is one sample); auto picks varlen on CUDA GPUs that have it, else "
-                                       "flex_attention, and sdpa on CPU.",
+                                       "packed rows (cuDNN's for a row that is one sample); auto picks varlen on "
+                                       "CUDA GPUs that have it, else flex_attention, and sdpa on CPU.",
                                        choices=("auto", "varlen", "flex_attention", "sdpa", "eager",
                                                 "flash_attention_2"), group="speed", identity=False)
     liger: str = setting("auto", "Liger's fused RMSNorm, SwiGLU and RoPE kernels; auto uses them on CUDA when "

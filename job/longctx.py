@@ -678,7 +678,7 @@ def _varlen_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: float
 
 
 def attention_self_check(device: torch.device) -> str | None:
-    """On the GPU: this module's attention kernels, forward and backward, against job.speed's varlen attention
+    """On the GPU: this module's attention kernels, forward and backward, against sdpa run one sample at a time
     under autograd (bf16, GQA): two packed samples (flash varlen), then one sample (cuDNN). A cuDNN failure
     turns cuDNN off (packed and single rows then both take flash varlen); None when the kernels are usable, else
     why (the mode then keeps job.speed's attention, recomputed)."""

@@ -500,7 +500,8 @@ def _plan_long_context(s: Settings, shape: Shape, device: Device, lv: Levers, wh
     lv.micro_batch_size, lv.grad_accum = s.micro_batch_size, s.grad_accum
     lv.offload_embeddings = lv.offload_head = lv.dequant_cache = False
     lv.estimated_peak_gib = 0.0
-    mode = "LONG_CONTEXT=on" if s.long_context == "on" else f"{s.micro_batch_size * s.max_length:,} tokens a micro-batch"
+    mode = ("LONG_CONTEXT=on" if s.long_context == "on" else
+            f"{s.micro_batch_size * s.max_length:,} tokens a micro-batch")
     for name in ("checkpointing", "micro_batch_size", "offload_embeddings", "dequant_cache"):
         why[name] = f"long-context mode ({mode}): see long_context"
     why["estimate"] = "long-context mode: see long_context for its GPU and CPU memory estimate"
