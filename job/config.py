@@ -24,6 +24,7 @@ BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATASET = "builtin:tasks"
 PRESETS = Path(__file__).parent / "presets"
 PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+SHARDED = ("fsdp", "zero3")  # strategies that split each weight across the ranks
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training",
@@ -337,8 +338,15 @@ def validate(s: Settings) -> list[str]:
          f"must be in [0, NUM_MACHINES={s.num_machines}), 0 being the first machine")
     need(s.main_port is None or 1 <= s.main_port <= 65535, "main_port", "must be a TCP port (1-65535)")
     need(s.num_processes is None or s.num_processes >= 1, "num_processes", "must be at least 1")
-    need(s.strategy not in ("fsdp", "zero3") or s.quantization != "int8", "strategy",
+    need(s.strategy not in SHARDED or s.quantization != "int8", "strategy",
          "cannot shard 8-bit weights; use QUANTIZATION=nf4 (QLoRA) or none with fsdp and zero3")
+    # speed levers that reach into the frozen weights or move them are untested on sharded weights: refused
+    for lever in ("lora_kernel", "dequant_cache", "offload_embeddings"):
+        need(s.strategy not in SHARDED or getattr(s, lever) != "true", lever,
+             f"not supported with STRATEGY={s.strategy} (sharded weights; untested): use auto or false")
+    need(s.strategy not in SHARDED or s.long_context != "on", "long_context",
+         f"not supported with STRATEGY={s.strategy} (its checkpoints and kernels assume whole layers on one GPU): "
+         "use auto or off")
     need(s.hub_model_id is None or bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s.hub_model_id)), "hub_model_id",
          "must look like user/name")
     trackers = {t.strip() for t in s.report_to.split(",")}

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from job.config import SHARDED
 from job.errors import ConfigError
 
 log = logging.getLogger("job.longctx")
@@ -109,6 +110,8 @@ def plan(s, shape, device, stats: dict | None = None, *, levers=None, host_gib: 
         on, why = True, "LONG_CONTEXT=on"
     elif not cuda:
         on, why = False, "auto: CPU training; GPU memory is not the limit"
+    elif s.strategy in SHARDED:
+        on, why = False, f"auto: STRATEGY={s.strategy} shards the layers this mode keeps whole (untested)"
     elif tokens >= AUTO_TOKENS:
         on, why = True, f"auto: {tokens:,} tokens in one micro-batch (>= {AUTO_TOKENS:,})"
     elif levers is not None and levers.estimated_peak_gib > device.budget_gib * 0.9:

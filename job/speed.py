@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from job.config import Settings
+from job.config import SHARDED, Settings
 from job.errors import ConfigError
 
 log = logging.getLogger("job.speed")
@@ -354,13 +354,16 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None) 
                     f"liger has no kernels for {shape.model_type}")
 
     # fused LoRA kernel
+    sharded = s.strategy in SHARDED
     kernel_ok = s.quantization in ("nf4", "none") and not s.use_dora
-    lv.lora_kernel = _flag(s.lora_kernel, kernel_ok and device.cuda)
+    lv.lora_kernel = _flag(s.lora_kernel, kernel_ok and device.cuda and not sharded)
     if lv.lora_kernel and not kernel_ok:
         raise ConfigError("LORA_KERNEL=true works with QUANTIZATION=nf4 or none and without DoRA; use auto")
     lv.dropout_in_kernel = lv.lora_kernel and device.cuda and s.lora_dropout > 0 and caps.get("triton", False)
     why["lora_kernel"] = ("forced by LORA_KERNEL" if s.lora_kernel != "auto" else
                           "one autograd function per adapted layer: fewer passes over the activations" if lv.lora_kernel
+                          else f"PEFT's own layers: STRATEGY={s.strategy} shards the weights the kernel reads "
+                          "(untested)" if sharded and device.cuda
                           else "CPU: PEFT's own layers" if kernel_ok else "PEFT's own layers (int8 or DoRA)")
 
     lv.dataloader_workers = s.dataloader_workers if s.dataloader_workers >= 0 else (2 if device.cuda else 0)
@@ -406,7 +409,8 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     # (input embedding, output layer) in CPU memory: the input alone costs a row gather a step; the output layer
     # streams 2 x its size over PCIe a micro-step, and a tied one goes with the input
     both, input_only = (True, True), (True, shape.tied)
-    embed_options = {"auto": ((False, False), input_only, both) if shape.plain_head else
+    embed_options = {"auto": ((False, False),) if s.strategy in SHARDED else  # sharded: untested, not moved
+                     ((False, False), input_only, both) if shape.plain_head else
                      ((False, False),) if shape.tied else ((False, False), input_only),
                      "true": (both,), "false": ((False, False),)}[s.offload_embeddings]
     best = None
@@ -486,7 +490,7 @@ def _long_context(s: Settings) -> bool:
     """Whether job.longctx's mode takes the memory plan over (its own rule, less the data it sees later)."""
     from job import longctx  # imported here: longctx uses this module
 
-    return s.long_context == "on" or (s.long_context == "auto"
+    return s.long_context == "on" or (s.long_context == "auto" and s.strategy not in SHARDED
                                       and s.micro_batch_size * s.max_length >= longctx.AUTO_TOKENS)
 
 

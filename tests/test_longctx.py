@@ -289,3 +289,11 @@ def test_the_speed_planner_leaves_memory_to_the_long_context_mode():
     assert plain.offload_embeddings  # outside the mode the 8 GiB plan still moves them
     with pytest.raises(ConfigError, match="OFFLOAD_EMBEDDINGS=true does not combine with the long-context mode"):
         _levers(settings(max_length=65536, offload_embeddings="true"), shape, capped)
+
+
+def test_sharded_strategies_leave_the_long_context_mode_off():
+    shape = speed.Shape(**LLAMA_8B)
+    p = longctx.plan(settings(max_length=131072, strategy="fsdp"), shape, H100, host_gib=120.0)
+    assert not p.on and "STRATEGY=fsdp" in p.why
+    levers = _levers(settings(max_length=131072, strategy="fsdp"), shape)
+    assert levers.checkpointing != "offload" or "long-context" not in levers.reasons["checkpointing"]

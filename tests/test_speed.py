@@ -340,3 +340,12 @@ def test_the_fast_path_trains_like_the_plain_path(tiny_model, tiny_tokenizer):
     assert worst < 1e-2 * max(plain), (worst, plain[:50], fast[:50])
     plain_tail, fast_tail = sum(plain[-50:]) / 50, sum(fast[-50:]) / 50
     assert abs(plain_tail - fast_tail) < 0.05 * plain_tail, (plain_tail, fast_tail)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_strategies_keep_the_levers_that_do_not_touch_the_weights(llama3, strategy):
+    levers = speed.choose(settings(strategy=strategy), llama3, h100(8.0), GPU_CAPS)
+    assert levers.attn_implementation == speed.VARLEN and levers.liger  # activations only: kept
+    assert not levers.lora_kernel and not levers.offload_embeddings and not levers.dequant_cache
+    assert f"STRATEGY={strategy}" in levers.reasons["lora_kernel"]
+    assert speed.choose(settings(strategy="ddp"), llama3, h100(8.0), GPU_CAPS).lora_kernel
