@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from job import speed
 from job.config import SHARDED
 from job.errors import ConfigError
 
@@ -191,10 +192,8 @@ def estimate_gpu_gib(shape, s, tokens: int, *, liger: bool, lora_kernel: bool, c
     tensors, the residual and its norm, one chunk's working set) and the LM head (TRL's fused head: the hidden
     states, a copy of the scored ones, an fp32 gradient of them; one logits tile).
     """
-    from job.speed import WEIGHT_BYTES
-
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
-    static = shape.linear_params * WEIGHT_BYTES[s.quantization]
+    static = shape.linear_params * speed.WEIGHT_BYTES[s.quantization]
     static += shape.embedding_params * 2 * (1 if shape.tied else 2)
     static += shape.lora_params(s.lora_r) * 16
     static += 2 * 2 * h * i                                        # dequantized weights in flight
@@ -563,9 +562,7 @@ class _CachedAttention(torch.autograd.Function):
                 store.put(key + ("out",), layer, out, slot=("attn_out", layer))
                 store.put(key + ("lse",), layer, lse, slot=("attn_lse", layer))
         else:
-            from job.speed import _varlen_reference
-
-            out, lse = _varlen_reference(q, k, v, cu, scale), q.new_empty(0)
+            out, lse = speed._varlen_reference(q, k, v, cu, scale), q.new_empty(0)
             if store is not None and not _in_backward():
                 store.put(key + ("out",), layer, out)
         ctx.save_for_backward(q, k, v, cu, out, lse)
@@ -577,11 +574,9 @@ class _CachedAttention(torch.autograd.Function):
         if ctx.cuda:
             dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu, ctx.longest, ctx.scale)
         else:
-            from job.speed import _varlen_reference
-
             with torch.enable_grad():
                 qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
-                dq, dk, dv = torch.autograd.grad(_varlen_reference(qd, kd, vd, cu, ctx.scale), (qd, kd, vd),
+                dq, dk, dv = torch.autograd.grad(speed._varlen_reference(qd, kd, vd, cu, ctx.scale), (qd, kd, vd),
                                                  grad_out)
         return dq, dk, dv, None, None, None, None, None
 
@@ -598,11 +593,6 @@ def _gqa_native() -> bool:
     return "enable_gqa" in {a.name for a in torch.ops.torch_attn._varlen_attn.default._schema.arguments}
 
 
-def _expand(k, v, heads: int):
-    repeat = heads // k.shape[1]
-    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-
-
 CUDNN_ATTENTION = {"usable": True}  # turned off by the self-check when cuDNN's kernel disagrees on this machine
 
 
@@ -613,11 +603,6 @@ def _one_sequence(q, cu) -> bool:
             and CUDNN_ATTENTION["usable"] and torch.backends.cudnn.is_available())
 
 
-def _bhtd(t):
-    """A token-major (T, H, D) tensor as the (1, H, T, D) view sdpa's kernels take (no copy)."""
-    return t.unsqueeze(0).transpose(1, 2)
-
-
 def attention_forward(q, k, v, cu, longest: int, scale: float):
     """out (T, Hq, D) and the log-sum-exp of causal attention within each sample: cuDNN for one sample,
     PyTorch's flash varlen kernel for packed samples (torch.ops, with the forward's saved state for
@@ -625,9 +610,9 @@ def attention_forward(q, k, v, cu, longest: int, scale: float):
     if not _one_sequence(q, cu):
         return _varlen_forward(q, k, v, cu, longest, scale)
     if k.shape[1] != q.shape[1]:
-        k, v = _expand(k, v, q.shape[1])
+        k, v = speed.expand_kv(k, v, q.shape[1])
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _bhtd(q), _bhtd(k), _bhtd(v), None, True, 0.0, True, False, scale=scale)[:2]
+        *(speed.as_bhtd(t) for t in (q, k, v)), None, True, 0.0, True, False, scale=scale)[:2]
     return out.transpose(1, 2).squeeze(0), lse
 
 
@@ -636,12 +621,12 @@ def attention_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: flo
         return _varlen_backward(grad_out, q, k, v, out, lse, cu, longest, scale)
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads != heads:
-        k, v = _expand(k, v, heads)
+        k, v = speed.expand_kv(k, v, heads)
     unused = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's seed and offset (no dropout)
     # no bias, and None as the sequence offsets, as the forward returns them for a dense batch (a tensor there,
     # even empty, selects the nested-tensor path)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        _bhtd(grad_out.contiguous()), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(out.contiguous()), lse, unused, unused,
+        *(speed.as_bhtd(t) for t in (grad_out.contiguous(), q, k, v, out.contiguous())), lse, unused, unused,
         None, None, None, q.shape[0], q.shape[0], 0.0, True, scale=scale)
     dq, dk, dv = (t.transpose(1, 2).squeeze(0) for t in (dq, dk, dv))
     if kv_heads != heads:
@@ -656,7 +641,7 @@ def _varlen_forward(q, k, v, cu, longest: int, scale: float):
 
     gqa = k.shape[1] != q.shape[1]
     if gqa and not _gqa_native():
-        k, v = _expand(k, v, q.shape[1])
+        k, v = speed.expand_kv(k, v, q.shape[1])
     op = torch.ops.torch_attn._varlen_attn
     out, lse, _ = op(**_op_arguments(op, query=q, key=k, value=v, cu_seq_q=cu, cu_seq_k=cu, max_q=longest,
                                      max_k=longest, is_causal=True, scale=scale, window_size=[-1, 0],
@@ -668,7 +653,7 @@ def _varlen_backward(grad_out, q, k, v, out, lse, cu, longest: int, scale: float
     heads, kv_heads = q.shape[1], k.shape[1]
     expanded = kv_heads != heads and not _gqa_native()
     if expanded:
-        k, v = _expand(k, v, heads)
+        k, v = speed.expand_kv(k, v, heads)
     op = torch.ops.torch_attn._varlen_attn_backward
     rng = torch.zeros((2,), dtype=torch.uint64, device=q.device)
     dq, dk, dv = op(**_op_arguments(op, grad_out=grad_out.contiguous(), query=q, key=k, value=v, out=out, lse=lse,
@@ -685,8 +670,6 @@ def attention_self_check(device: torch.device) -> str | None:
     under autograd (bf16, GQA): two packed samples (flash varlen), then one sample (cuDNN). A cuDNN failure
     turns cuDNN off (packed and single rows then both take flash varlen); None when the kernels are usable, else
     why (the mode then keeps job.speed's attention, recomputed)."""
-    from job import speed
-
     def check(lengths) -> str | None:
         generator = torch.Generator(device=device).manual_seed(0)
         cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
@@ -724,8 +707,6 @@ def attention_self_check(device: torch.device) -> str | None:
 def longctx_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                               is_causal=None, **kwargs):
     """transformers attention interface: this module's kernels (with the cache when asked) while training."""
-    from job import speed
-
     # set by `install` on the layer's modules (not thread-local: CUDA backward runs on autograd's own thread)
     mode, layer = getattr(module, "_longctx_mode", None), getattr(module, "_longctx_layer", None)
     batch, heads, length, dim = query.shape
@@ -741,8 +722,6 @@ def longctx_attention_forward(module, query, key, value, attention_mask, dropout
 def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    from job import speed
 
     AttentionInterface.register(LONGCTX_ATTENTION, longctx_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(LONGCTX_ATTENTION, speed.varlen_mask)
@@ -814,9 +793,7 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
     device = next(layers[0].parameters()).device  # the embedding table may live in CPU memory (job.speed)
     store = Offloader(device, simulate=simulate)
     mode = LongContext(hf, store, cache)
-    from job.speed import Shape
-
-    shape = Shape.of(hf.config)
+    shape = speed.Shape.of(hf.config)
     skip = hf.config.model_type in SKIP_MLP_FAMILIES
     mlp_tokens = mlp_tokens or mlp_chunk(shape)
     norm_tokens = norm_tokens or NORM_CHUNK
@@ -835,8 +812,6 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
         chunk_module(final_norm, norm_tokens)
 
     # attention: per-sample kernels (packed samples apart, linear memory), the output cached when asked
-    from job import speed
-
     implementation = hf.config._attn_implementation
     if implementation in ("sdpa", speed.VARLEN, LONGCTX_ATTENTION) and (speed.varlen_available() or
                                                                          device.type == "cpu"):
@@ -885,8 +860,6 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
 
 def apply(trainer, s, levers=None, stats: dict | None = None, *, host_gib: float | None = None) -> dict:
     """The hook train.py calls after building the trainer: decide, and install the mode when it is on."""
-    from job import speed
-
     hf = _hf_model(trainer.model)
     device = speed.probe(getattr(s, "gpu_memory_gib", 0.0))
     if device.cuda and not device.capped:  # the weights are loaded by now, and the estimate counts them
@@ -945,8 +918,6 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
 
     from job import config as job_config
     from job import model as job_model
-    from job import speed
-
     result = {"length": length, "mode": mode, "steps": steps, "ok": False, "liger": liger, "cap_gib": cap_gib}
     peak_rss, stop = _rss_sampler()
     started = time.time()

@@ -580,18 +580,27 @@ def _varlen(q, k, v, cu, longest, scale):
         if _VARLEN_ARGS["gqa"]:
             kwargs["enable_gqa"] = True
         else:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            k, v = expand_kv(k, v, q.shape[1])
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+
+
+def expand_kv(k, v, heads: int):
+    """Token-major (T, Hkv, D) keys and values repeated to `heads` heads, for kernels without GQA."""
+    repeat = heads // k.shape[1]
+    if repeat == 1:
+        return k, v
+    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+
+def as_bhtd(t):
+    """A token-major (T, H, D) tensor as the (1, H, T, D) view sdpa's kernels take (no copy)."""
+    return t.unsqueeze(0).transpose(1, 2)
 
 
 def _one_sample(q, k, v, scale):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if q.shape[1] != k.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    q, k, v = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (as_bhtd(t) for t in (q, *expand_kv(k, v, q.shape[1])))
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     with sdpa_kernel(backends, set_priority=True):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
