@@ -355,7 +355,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()
                                                          if k not in ("why", "device", "budget_gib")))
                 base = job_model.load_model(s, str(nf4_dir),
-                                            device_map=speed.device_map(levers, str(nf4_dir), {"": 0}) if cuda else None,
+                                            device_map=speed.device_map(levers, cfg, {"": 0}) if cuda else None,
                                             attn_implementation=levers.attn_implementation)
                 speed.prepare_base(base, levers)
                 args = SFTConfig(**_sft_common(Path(scratch), opts.max_length, steps), packing=s.packing,

@@ -967,7 +967,7 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
                          "micro_batch_size": 1, "grad_accum": 1, "long_context": "on",
                          "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib}
                 s = job_config.load(flags, environ=env)
-                levers = speed.setup(s, model_dir)
+                levers = speed.setup(s, AutoConfig.from_pretrained(model_dir))
                 base = job_model.load_model(s, model_dir, device_map={"": 0} if cuda else None,
                                             attn_implementation=levers.attn_implementation)
                 speed.prepare_base(base, levers)

@@ -1014,17 +1014,17 @@ def install_dequant_cache(model) -> float:
 
 # ------------------------------------------------------------------------------- embeddings in CPU memory
 
-def device_map(levers: Levers, path: str, default):
+def device_map(levers: Levers, config, default, trust_remote_code: bool = False):
     """Where from_pretrained puts each module: `default` ({"": gpu}), except the frozen 16-bit input and output
     embeddings when OFFLOAD_EMBEDDINGS is on, which load straight into CPU memory (so they never take GPU
     memory, not even while loading)."""
     if not levers.offload_embeddings or not isinstance(default, dict) or set(default) != {""}:
         return default
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     offloaded = {id(skeleton.get_input_embeddings())}
     if levers.offload_head:
         offloaded.add(id(skeleton.get_output_embeddings()))
@@ -1261,13 +1261,10 @@ def plan(s: Settings, config, device: Device | None = None) -> Levers:
     return choose(s, Shape.of(config), device)
 
 
-def setup(s: Settings, path: str) -> Levers:
+def setup(s: Settings, config) -> Levers:
     """For a training process: probe the device, cap its memory if asked, choose and log the levers."""
-    from transformers import AutoConfig
-
     device = probe(s.gpu_memory_gib)
     apply_memory_cap(device)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     levers = choose(s, Shape.of(config), device)
     log.info("speed levers: %s", ", ".join(f"{k}={v}" for k, v in levers.summary().items() if k != "why"))
     for name, reason in levers.reasons.items():

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from job import checkpoint, data, longctx, model, speed
 from job.checkpoint import Layout
-from job.config import Settings
+from job.config import SHARDED, Settings
 from job.errors import Preempted, TrainingFailed
 
 log = logging.getLogger("job.train")
@@ -41,8 +41,9 @@ def train(s: Settings) -> dict:
 
     path = model.resolve(s.base_model)
     tokenizer = model.load_tokenizer(s, path)
-    levers = speed.setup(s, path)
-    prepared = data.load(s, tokenizer, _model_type(s, path), layout.cache, state)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    levers = speed.setup(s, config)
+    prepared = data.load(s, tokenizer, config.model_type, layout.cache, state)
     if state.is_main_process:
         checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
         shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
@@ -81,7 +82,8 @@ def train(s: Settings) -> dict:
         dataset_num_proc=None,
     )
     # after the SFTConfig: under ZeRO-3 it makes from_pretrained shard the weights as they load
-    base = model.load_model(s, path, device_map=speed.device_map(levers, path, _device_map(s, state)),
+    base = model.load_model(s, path, device_map=speed.device_map(levers, config, _device_map(s, state),
+                                                                   s.trust_remote_code),
                             attn_implementation=levers.attn_implementation)
     speed.prepare_base(base, levers)
     trainer = AtomicCheckpointTrainer(
@@ -134,15 +136,9 @@ def _device_map(s: Settings, state):
     # QLoRA under DDP and ZeRO-2 needs each rank's copy of the quantized weights on its own GPU; ZeRO-3
     # places them itself (and refuses a device map); under FSDP they load on the current GPU (rank 0 only,
     # with cpu_ram_efficient_loading) and FSDP shards them from there
-    if not torch.cuda.is_available() or s.strategy in ("fsdp", "zero3"):
+    if not torch.cuda.is_available() or s.strategy in SHARDED:
         return None
     return {"": state.local_process_index}
-
-
-def _model_type(s: Settings, path: str) -> str:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code).model_type
 
 
 def check_adapter(directory: Path) -> None:

@@ -260,12 +260,15 @@ def test_offloaded_embeddings_give_the_same_loss_and_gradients(quiet, tiny_model
 
 
 def test_the_device_map_puts_only_the_embeddings_in_cpu_memory(tiny_model):
-    mapping = speed.device_map(speed.Levers(offload_embeddings=True, offload_head=True), str(tiny_model), {"": 0})
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    mapping = speed.device_map(speed.Levers(offload_embeddings=True, offload_head=True), config, {"": 0})
     assert mapping["model.embed_tokens"] == "cpu" and mapping["lm_head"] == "cpu"
     assert {v for k, v in mapping.items() if k not in ("model.embed_tokens", "lm_head")} == {0}
-    mapping = speed.device_map(speed.Levers(offload_embeddings=True), str(tiny_model), {"": 0})
+    mapping = speed.device_map(speed.Levers(offload_embeddings=True), config, {"": 0})
     assert mapping["model.embed_tokens"] == "cpu" and mapping["lm_head"] == 0
-    assert speed.device_map(speed.Levers(), str(tiny_model), {"": 0}) == {"": 0}
+    assert speed.device_map(speed.Levers(), config, {"": 0}) == {"": 0}
 
 
 def test_partial_recomputation_spreads_the_layers(quiet, tiny_model):
