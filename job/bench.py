@@ -348,8 +348,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 s = job_config.load(flags, environ={k: v for k, v in os.environ.items()
                                                     if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
                                                              if f.metadata["group"] in ("speed", "model")}})
-                device = speed.probe(s.gpu_memory_gib)
-                levers = speed.choose(s, speed.Shape.of(cfg), device)
+                levers = speed.plan(s, cfg)
                 result.levers = levers.summary()
                 result.rows_per_step = levers.micro_batch_size * levers.grad_accum
                 log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()

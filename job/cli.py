@@ -244,7 +244,9 @@ def setup_logging(layout: Layout) -> None:
         return
     # training processes (started by `job run`, which sets JOB_EXIT_DIR) log as their rank; `job run` itself
     # and the other commands, one per machine, as their host
-    if "JOB_EXIT_DIR" in os.environ:
+    from job import launch
+
+    if launch.EXIT_DIR in os.environ:
         who = f"rank {os.environ.get('RANK', '0')}"
         name = f"job-rank{os.environ.get('RANK', '0')}.log"
     else:

@@ -25,6 +25,7 @@ BUILTIN_DATASET = "builtin:tasks"
 PRESETS = Path(__file__).parent / "presets"
 PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.yaml")))
 SHARDED = ("fsdp", "zero3")  # strategies that split each weight across the ranks
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # user/name on the Hub
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training",
@@ -347,7 +348,7 @@ def validate(s: Settings) -> list[str]:
     need(s.strategy not in SHARDED or s.long_context != "on", "long_context",
          f"not supported with STRATEGY={s.strategy} (its checkpoints and kernels assume whole layers on one GPU): "
          "use auto or off")
-    need(s.hub_model_id is None or bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s.hub_model_id)), "hub_model_id",
+    need(s.hub_model_id is None or bool(HUB_ID.fullmatch(s.hub_model_id)), "hub_model_id",
          "must look like user/name")
     trackers = {t.strip() for t in s.report_to.split(",")}
     need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",

@@ -265,7 +265,6 @@ class _Entry:
     shape: torch.Size
     dtype: torch.dtype
     host: torch.Tensor | None = None     # pinned copy (or, simulated on CPU, a clone)
-    d2h: object = None
     gpu: torch.Tensor | None = None      # brought back (prefetched) copy
     h2d: object = None
 
@@ -339,7 +338,6 @@ class Offloader:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(t, non_blocking=True)
-                entry.d2h = self.stream.record_event()
             t.record_stream(self.stream)
             entry.host = host
             self.pin_method = self.pin_method or "cudaHostRegister"
@@ -527,11 +525,6 @@ def chunk_module(module: torch.nn.Module, chunk: int, skip_in_recompute: bool = 
 
     module._longctx_forward = inner
     module.forward = forward
-
-
-def unchunk_module(module: torch.nn.Module) -> None:
-    if "_longctx_forward" in module.__dict__:
-        module.forward = module.__dict__.pop("_longctx_forward")
 
 
 # ------------------------------------------------------------------------------- attention with a cache
@@ -967,7 +960,7 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
                          "micro_batch_size": 1, "grad_accum": 1, "long_context": "on",
                          "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib}
                 s = job_config.load(flags, environ=env)
-                levers = speed.setup(s, AutoConfig.from_pretrained(model_dir))
+                levers = speed.setup(s, cfg)
                 base = job_model.load_model(s, model_dir, device_map={"": 0} if cuda else None,
                                             attn_implementation=levers.attn_implementation)
                 speed.prepare_base(base, levers)

@@ -29,7 +29,7 @@ import yaml
 
 from job import checkpoint
 from job.checkpoint import COMPLETE, Layout
-from job.config import BUILTIN_DATASET, BUILTIN_MODEL, Settings
+from job.config import BUILTIN_DATASET, BUILTIN_MODEL, HUB_ID, Settings
 from job.errors import ConfigError, PushFailed
 
 log = logging.getLogger("job.publish")
@@ -43,7 +43,6 @@ HUB_TIMEOUT = {"connect": 30.0, "read": 300.0, "write": 300.0, "pool": 60.0}
 MAX_BACKOFF = 120.0
 ADAPTER_SKIP = {COMPLETE, "README.md", "job.json", "training_args.bin"}  # local paths, pickles, peft's stub card
 WEIGHT_FILES = re.compile(r"(^|/)[^/]+\.safetensors(\.index\.json)?$")
-HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
 def token() -> str | None:

@@ -3,8 +3,6 @@ unpacked, on the real 4-bit tiny model; its memory plan refuses what cannot fit;
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -273,7 +271,7 @@ def test_search_doubles_then_bisects(limit):
         assert found["longest"] <= limit < found["longest"] + 8192 and found["first_failure"] > limit
     else:
         assert found["longest"] == 0
-    assert len(seen) < 12 and math.isfinite(len(seen))
+    assert len(seen) < 12
 
 
 def test_the_speed_planner_leaves_memory_to_the_long_context_mode():

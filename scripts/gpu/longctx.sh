@@ -15,7 +15,7 @@ free -g | tee -a "$out/gpu.txt"
 python3 -c "from pathlib import Path; from job import bench; print(bench.build_model('llama-3-8b', Path('/tmp/job-bench')))" \
   2>&1 | tail -3
 echo "model ready at $((SECONDS - start)) s"
-if [ -n "${GPU_TESTS:-1}" ]; then
+if [ -n "${GPU_TESTS-1}" ]; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_longctx.py -k gpu 2>&1 | grep -E "Error|assert|passed|failed" | head -12
   [ -n "${ATTN_BENCH:-}" ] && timeout 60 python3 scripts/gpu/attention_bench.py 65536 | tee "$out/attention.jsonl" | grep -v '^_'
 fi
