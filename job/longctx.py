@@ -99,26 +99,33 @@ def host_budget_gib() -> float:
     return psutil.virtual_memory().available / GiB
 
 
+def decide(s, tokens: int, cuda: bool) -> tuple[bool | None, str]:
+    """On or off from the settings and the micro-batch's tokens alone; None when only the plain path's memory
+    estimate can tell (job.speed asks this before it plans, `plan` after)."""
+    if s.long_context == "off":
+        return False, "LONG_CONTEXT=off"
+    if s.long_context == "on":
+        return True, "LONG_CONTEXT=on"
+    if not cuda:
+        return False, "auto: CPU training; GPU memory is not the limit"
+    if s.strategy in SHARDED:
+        return False, f"auto: STRATEGY={s.strategy} shards the layers this mode keeps whole (untested)"
+    if tokens >= AUTO_TOKENS:
+        return True, f"auto: {tokens:,} tokens in one micro-batch (>= {AUTO_TOKENS:,})"
+    return None, ""
+
+
 def plan(s, shape, device, stats: dict | None = None, *, levers=None, host_gib: float | None = None,
          config=None) -> Plan:
     """Whether the mode is on, and what a step needs in it: GPU and CPU memory, the longest that fits."""
     tokens = micro_batch_tokens(s, stats, getattr(levers, "micro_batch_size", None))
     host = host_budget_gib() if host_gib is None else host_gib
     cuda = getattr(device, "cuda", False)
-    if s.long_context == "off":
-        on, why = False, "LONG_CONTEXT=off"
-    elif s.long_context == "on":
-        on, why = True, "LONG_CONTEXT=on"
-    elif not cuda:
-        on, why = False, "auto: CPU training; GPU memory is not the limit"
-    elif s.strategy in SHARDED:
-        on, why = False, f"auto: STRATEGY={s.strategy} shards the layers this mode keeps whole (untested)"
-    elif tokens >= AUTO_TOKENS:
-        on, why = True, f"auto: {tokens:,} tokens in one micro-batch (>= {AUTO_TOKENS:,})"
-    elif levers is not None and levers.estimated_peak_gib > device.budget_gib * 0.9:
+    on, why = decide(s, tokens, cuda)
+    if on is None and levers is not None and levers.estimated_peak_gib > device.budget_gib * 0.9:
         on, why = True, (f"auto: the plain path needs ~{levers.estimated_peak_gib:.0f} GiB of "
                          f"{device.budget_gib:.0f} GiB")
-    else:
+    elif on is None:
         on, why = False, f"auto: {tokens:,} tokens per micro-batch fit the plain path"
     liger = bool(getattr(levers, "liger", False))
     lora_kernel = bool(getattr(levers, "lora_kernel", False))

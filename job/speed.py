@@ -397,7 +397,9 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         why["offload_embeddings"] = "forced by OFFLOAD_EMBEDDINGS" if lv.offload_embeddings else "off (a GPU lever)"
         return
 
-    if _long_context(s):
+    from job import longctx  # imported here: longctx uses this module
+
+    if longctx.decide(s, s.micro_batch_size * s.max_length, device.cuda)[0]:  # the mode plans its own memory
         _plan_long_context(s, shape, device, lv, why)
         return
 
@@ -484,14 +486,6 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
                                  f"the input embedding ({table:.1f} GiB) moves to CPU memory (a row gather a step): "
                                  "it buys a faster plan" if lv.offload_embeddings else "kept on the GPU")
     why["estimate"] = f"estimated peak {lv.estimated_peak_gib} GiB of {where}"
-
-
-def _long_context(s: Settings) -> bool:
-    """Whether job.longctx's mode takes the memory plan over (its own rule, less the data it sees later)."""
-    from job import longctx  # imported here: longctx uses this module
-
-    return s.long_context == "on" or (s.long_context == "auto" and s.strategy not in SHARDED
-                                      and s.micro_batch_size * s.max_length >= longctx.AUTO_TOKENS)
 
 
 def _plan_long_context(s: Settings, shape: Shape, device: Device, lv: Levers, why: dict) -> None:
