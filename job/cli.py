@@ -18,7 +18,7 @@ import time
 
 import click
 
-from job import checkpoint, config, errors
+from job import checkpoint, config, errors, launch
 from job.checkpoint import Layout
 
 log = logging.getLogger("job")
@@ -57,7 +57,6 @@ def cli():
 @with_settings
 def preflight(s):
     """Check settings, model and data, and print the plan and the machines it runs on (no training)."""
-    from job import launch
     from job.preflight import preflight as check
 
     where = launch.resolve(s)
@@ -70,11 +69,9 @@ def preflight(s):
 @with_settings
 def train(s):
     """Train the adapter (one process; `job run` launches it on every rank)."""
-    from job.launch import reporting_exit_code
     from job.train import train as train_stage
 
-    with reporting_exit_code():  # the launchers report any failure as 1; `job run` reads the real code
-        train_stage(s)
+    train_stage(s)
 
 
 @cli.command()
@@ -152,7 +149,6 @@ def bench(arch, max_length, steps, warmup, phases, memory_cap, levers, stock_tri
 @with_settings
 def run(s):
     """The whole job: preflight, train, evaluate, merge, push. Rerun it to resume."""
-    from job import launch
     from job.evaluate import evaluate as evaluate_stage
     from job.preflight import preflight as check
 
@@ -244,8 +240,6 @@ def setup_logging(layout: Layout) -> None:
         return
     # training processes (started by `job run`, which sets JOB_EXIT_DIR) log as their rank; `job run` itself
     # and the other commands, one per machine, as their host
-    from job import launch
-
     if launch.EXIT_DIR in os.environ:
         who = f"rank {os.environ.get('RANK', '0')}"
         name = f"job-rank{os.environ.get('RANK', '0')}.log"
@@ -271,19 +265,31 @@ def setup_logging(layout: Layout) -> None:
 
 
 def main(argv=None) -> None:
+    code = run_command(argv)
+    # the launchers between a training process and `job run` report any failure as 1, whatever failed
+    # and when (even while reading the settings): the process leaves its own code for `job run`
+    launch.report_exit_code(code)
+    sys.exit(code)
+
+
+def run_command(argv) -> int:
+    """Run the command; its exit code (job.errors.EXIT_CODES)."""
     try:
         cli.main(args=argv, prog_name="job", standalone_mode=False)
     except errors.JobError as error:
         log.error("%s", error) if logging.getLogger().handlers else click.echo(f"error: {error}", err=True)
-        sys.exit(error.exit_code)
+        return error.exit_code
     except click.exceptions.Abort:
-        sys.exit(130)
+        return 130
     except click.ClickException as error:
         error.show()
-        sys.exit(errors.EXIT_BAD_INPUT)
-    except SystemExit:
-        raise
+        return errors.EXIT_BAD_INPUT
+    except SystemExit as stop:  # `job run` exits with the training code itself; a library may exit too
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or errors.EXIT_OK
+        click.echo(stop.code, err=True)  # as Python does for sys.exit("message")
+        return errors.EXIT_UNEXPECTED
     except Exception:
         log.exception("unexpected error")
-        sys.exit(errors.EXIT_UNEXPECTED)
-    sys.exit(errors.EXIT_OK)
+        return errors.EXIT_UNEXPECTED
+    return errors.EXIT_OK

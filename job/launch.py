@@ -20,7 +20,7 @@
                   starts a single process), or plain `python -m job train` for one process
   3. passes stop signals (SIGTERM, SIGUSR1; SIGINT as SIGTERM) to the training processes, which
      checkpoint and exit 75, and returns their exit code: the launchers report any failure as 1, so
-     each training process leaves its own code in JOB_EXIT_DIR (`reporting_exit_code`).
+     each training process that fails leaves its own code in JOB_EXIT_DIR (`report_exit_code`).
 The process group lives only in the children: merge and push run in `job run` itself after they
 have exited, so no NCCL watchdog can kill them.
 """
@@ -428,21 +428,9 @@ def read_exit_codes(directory: str) -> dict[int, int]:
     return codes
 
 
-@contextlib.contextmanager
-def reporting_exit_code():
-    """Around the training stage in each training process: leave its exit code in JOB_EXIT_DIR."""
-    try:
-        yield
-    except errors.JobError as error:
-        _report(error.exit_code)
-        raise
-    except Exception:
-        _report(errors.EXIT_UNEXPECTED)
-        raise
-
-
-def _report(code: int) -> None:
+def report_exit_code(code: int) -> None:
+    """In a training process (JOB_EXIT_DIR set), leave its exit code when it fails, for `job run` to read."""
     directory = os.environ.get(EXIT_DIR)
-    if directory:
+    if directory and code != errors.EXIT_OK:
         with contextlib.suppress(OSError):
             Path(directory, f"rank-{os.environ.get('RANK', '0')}").write_text(f"{code}\n")

@@ -245,7 +245,7 @@ FAKE_WORKER = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
     def stop(signum, frame):
-        Path(os.environ["JOB_EXIT_DIR"], "rank-0").write_text("75")  # checkpointed: as reporting_exit_code does
+        Path(os.environ["JOB_EXIT_DIR"], "rank-0").write_text("75")  # checkpointed: as report_exit_code does
         sys.exit(75)
     signal.signal(signal.SIGUSR1, stop)
     print("worker: ready", flush=True)
@@ -270,13 +270,15 @@ def test_stop_signal_reaches_the_training_process_not_the_launcher(monkeypatch, 
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
 
 
-def test_training_processes_report_their_exit_code(tmp_path, monkeypatch):
-    monkeypatch.setenv(launch.EXIT_DIR, str(tmp_path))
-    monkeypatch.setenv("RANK", "3")
-    with pytest.raises(errors.DataError):
-        with launch.reporting_exit_code():
-            raise errors.DataError("bad row")
-    assert launch.read_exit_codes(str(tmp_path)) == {3: errors.EXIT_BAD_INPUT}
+def test_training_process_that_fails_before_training_reports_its_exit_code(monkeypatch, capfd):
+    """A training process stopped by a bad setting while it reads its settings exits 2; the launcher reports
+    that as 1, `job run` still returns 2 (bad input: never retried)."""
+    worker = 'from job.cli import main; main(["train", "--max-steps", "many"])'
+    monkeypatch.setattr(launch, "command", lambda s, t: [sys.executable, "-c", FAKE_LAUNCHER, worker])
+    s = settings()
+    assert launch.run_training(s, launch.resolve(s, {}, gpus=0)) == errors.EXIT_BAD_INPUT
+    out = capfd.readouterr().out
+    assert "launcher: worker exited 2" in out, out
 
 
 # ------------------------------------------------------------------------------ shipped configurations
