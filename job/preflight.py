@@ -11,8 +11,6 @@ import math
 import os
 import uuid
 
-import torch
-
 from job import checkpoint, data, longctx, model, publish, speed
 from job.checkpoint import Layout
 from job.config import Settings
@@ -48,11 +46,11 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
-    levers = speed.choose(s, speed.Shape.of(config), speed.probe(s.gpu_memory_gib))
+    shape, device = speed.Shape.of(config), speed.probe(s.gpu_memory_gib)
+    levers = speed.choose(s, shape, device)
     tokenizer = model.load_tokenizer(s, path)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
-    long = longctx.plan(s, speed.Shape.of(config), speed.probe(s.gpu_memory_gib), prepared.stats, levers=levers,
-                        config=config)
+    long = longctx.plan(s, shape, device, prepared.stats, levers=levers, config=config)
     longctx.check_fits(long, s)  # refuses a length that cannot fit, naming the longest that would
     checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
 
@@ -78,7 +76,7 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
                               else round(estimate_gpu_gib(s, skeleton, config, levers.checkpointing != "none"), 1)),
         "speed_levers": levers.summary(),  # what job.speed chose for this card and model, and why
         "long_context": long.summary(),  # mode, peak GPU/CPU estimate, longest that fits, RoPE warning
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": device.name if device.cuda else "cpu",
         "push": s.hub_model_id,
         "output_dir": str(layout.root.resolve()),
         "resume_from": str(checkpoint.latest_checkpoint(layout.checkpoints) or "") or None,
