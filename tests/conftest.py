@@ -1,4 +1,4 @@
-"""Shared fixtures: a private HF_HOME, the tiny model built once, and a helper to run the CLI."""
+"""Shared fixtures: a private HF_HOME, the tiny model built once, one trained and one merged output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobtools import run_job
+from tests.jobtools import TRAINED, copy_output, run_job, settings_for
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,17 @@ def tiny_tokenizer(tiny_model):
 def trained_output(tmp_path_factory, hf_home) -> Path:
     """One short real 4-bit training run (train stage only) shared by the tests that inspect its outputs."""
     output = tmp_path_factory.mktemp("trained")
-    result = run_job(hf_home, "train", OUTPUT_DIR=output, MAX_STEPS=12, SAVE_STEPS=5, EVAL_STEPS=6)
+    result = run_job(hf_home, "train", OUTPUT_DIR=output, **TRAINED)
     assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def merged_output(trained_output, tmp_path_factory) -> Path:
+    """A copy of `trained_output` with a verified merged model (merge stage only). Shared by test_merge.py and
+    test_publish.py: treat it as read-only and copy it (copy_output) before changing anything."""
+    from job import merge
+
+    output = copy_output(trained_output, tmp_path_factory.mktemp("merged") / "out")
+    merge.merge(settings_for(output))
     return output

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from job.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+# The settings `trained_output` (tests/conftest.py) trains with. MAX_STEPS is part of a run's identity, so a
+# later stage run on (a copy of) that output passes the same ones.
+TRAINED = {"MAX_STEPS": "12", "SAVE_STEPS": "5", "EVAL_STEPS": "6"}
+SHARD = "1MB"  # the tiny model is ~1.6 MB in bf16: two shards, so sharding is exercised everywhere
 
 
 def job_env(hf_home: Path, **settings) -> dict[str, str]:
@@ -29,3 +38,16 @@ def run_job(hf_home: Path, *args: str, timeout: float = 600, **settings) -> subp
 
 def read_summary(output: Path) -> dict:
     return json.loads((output / "summary.json").read_text(encoding="utf-8"))
+
+
+def copy_output(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def settings_for(output: Path, **extra) -> Settings:
+    """Settings for a later stage (merge, push) on a copy of `trained_output`, merging into SHARD-sized shards."""
+    from job import config
+
+    return config.load(environ={"OUTPUT_DIR": str(output), "MERGE_MAX_SHARD_SIZE": SHARD, **TRAINED,
+                                **{k: str(v) for k, v in extra.items()}})

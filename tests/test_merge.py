@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,38 +12,9 @@ from job import checkpoint, cli, config
 from job import merge as merge_module
 from job.checkpoint import Layout
 from job.errors import EXIT_VERIFY_FAILED, VerifyFailed
+from tests.jobtools import SHARD, TRAINED, copy_output, settings_for
 
 pytestmark = pytest.mark.slow
-
-# The settings `trained_output` (tests/conftest.py) was trained with; MAX_STEPS is part of the run's identity.
-TRAINED = {"MAX_STEPS": "12", "SAVE_STEPS": "5", "EVAL_STEPS": "6"}
-SHARD = "1MB"  # the tiny model is ~1.6 MB in bf16: two shards, so sharding is exercised everywhere
-_MERGED: dict[str, Path] = {}
-
-
-def settings_for(output: Path, **extra) -> config.Settings:
-    return config.load(environ={"OUTPUT_DIR": str(output), "MERGE_MAX_SHARD_SIZE": SHARD, **TRAINED,
-                                **{k: str(v) for k, v in extra.items()}})
-
-
-def copy_output(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target, symlinks=True)
-    return target
-
-
-def merged_once(trained_output: Path, tmp_path_factory) -> Path:
-    """Merge a copy of the trained output once per session (shared with test_publish.py; treat it as
-    read-only and copy it before changing anything)."""
-    if "path" not in _MERGED:
-        output = copy_output(trained_output, tmp_path_factory.mktemp("merged") / "out")
-        merge_module.merge(settings_for(output))
-        _MERGED["path"] = output
-    return _MERGED["path"]
-
-
-@pytest.fixture(scope="session")
-def merged_output(trained_output, tmp_path_factory) -> Path:
-    return merged_once(trained_output, tmp_path_factory)
 
 
 def test_merge_parity_with_base_plus_adapter_and_gap_to_4bit(merged_output):

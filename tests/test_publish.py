@@ -16,8 +16,7 @@ from job.checkpoint import Layout
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PUSH_FAILED, PushFailed
 from job.publish import push
 from tests.hubserver import patch_hf_client, running_hub
-from tests.jobtools import read_summary, run_job
-from tests.test_merge import SHARD, TRAINED, copy_output, merged_once, settings_for
+from tests.jobtools import SHARD, TRAINED, copy_output, read_summary, run_job, settings_for
 
 # The client itself uploads with httpx2's deprecated `data=<file>`; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -38,9 +37,9 @@ def hub(tmp_path, monkeypatch, hf_home):
 
 
 @pytest.fixture
-def output(trained_output, tmp_path_factory, tmp_path) -> Path:
+def output(merged_output, tmp_path) -> Path:
     """A private copy of an OUTPUT_DIR with a verified merged model (merged once per session)."""
-    return copy_output(merged_once(trained_output, tmp_path_factory), tmp_path / "out")
+    return copy_output(merged_output, tmp_path / "out")
 
 
 def assert_no_token(*texts: str, root: Path | None = None) -> None:
