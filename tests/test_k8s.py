@@ -13,25 +13,23 @@ import contextlib
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import string
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from job import config, launch
-from tests.cluster.slurm import pick_subnet
+from tests.cluster.slurm import (SlurmHarnessError, add_netns, add_veth, del_netns, kill_netns_processes,
+                                 node_argv, pick_subnet, set_address, write_hosts)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")  # schemas bundled with the pinned kubernetes-validate
-NODE_INIT = ROOT / "tests" / "cluster" / "node_init.py"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -184,11 +182,6 @@ def _image() -> dict:
     return image
 
 
-def _netns_pids(ns: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @contextlib.contextmanager
 def pod_network(count: int):
     """`count` network namespaces joined by veth pairs to the first (two pods: one pair); yields
@@ -200,21 +193,17 @@ def pod_network(count: int):
     names = [f"k8s-{rid}-{i}" for i in range(count)]
     try:
         for ns in names:
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        subprocess.run(["ip", "link", "add", f"kv-{rid}-0", "netns", names[0], "type", "veth", "peer", "name",
-                        f"kv-{rid}-1", "netns", names[1]], check=True)
+            add_netns(ns)
+        add_veth(f"kv-{rid}-0", f"kv-{rid}-1", netns=names[0], peer_netns=names[1])
         for i, ns in enumerate(names):
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"{hosts[i]}/{net.prefixlen}", "dev", f"kv-{rid}-{i}"],
-                           check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", f"kv-{rid}-{i}", "up"], check=True)
+            set_address(ns, f"kv-{rid}-{i}", f"{hosts[i]}/{net.prefixlen}")
         yield list(zip(names, hosts))
     finally:
         for ns in names:
-            for pid in _netns_pids(ns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its veth end goes with it
+            with contextlib.suppress(SlurmHarnessError):
+                kill_netns_processes(ns)
+            with contextlib.suppress(SlurmHarnessError):
+                del_netns(ns)  # its veth end goes with it
 
 
 @contextlib.contextmanager
@@ -267,10 +256,9 @@ def pod_process(docs: list[dict], index: int, netns: str, hostname: str, hosts_f
     script = " && ".join([*mounts, f"cd {shlex.quote(container.get('workingDir', image['workdir']))}",
                           "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
                           + " ".join(shlex.quote(a) for a in [*command, *args])])
-    argv = ["nsenter", f"--net=/var/run/netns/{netns}", "--", "unshare", "--mount", "--uts", "--propagation",
-            "slave", "--", sys.executable, str(NODE_INIT), str(hosts_file), hostname, "--", "/bin/sh", "-c", script]
     with open(log, "wb") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(node_argv(netns, hosts_file, hostname, ["/bin/sh", "-c", script]), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def _why_no_pods() -> str | None:
@@ -304,10 +292,8 @@ def test_multi_node_pods_train_together_as_processes(tmp_path):
         procs = []
         for i, (netns, address) in enumerate(pods):
             # the kubelet's /etc/hosts (own line), plus cluster DNS for the other pods' names
-            lines = ["127.0.0.1 localhost", f"{address} {fqdn[i]} {name}-{i}"]
-            lines += [f"{a} {fqdn[j]} {name}-{j}.{subdomain}" for j, (_, a) in enumerate(pods) if j != i]
-            hosts = tmp_path / f"hosts-{i}"
-            hosts.write_text("\n".join(lines) + "\n")
+            hosts = write_hosts(tmp_path / f"hosts-{i}", [(address, f"{fqdn[i]} {name}-{i}"), *(
+                (a, f"{fqdn[j]} {name}-{j}.{subdomain}") for j, (_, a) in enumerate(pods) if j != i)])
             procs.append(pod_process(docs, i, netns, f"{name}-{i}", hosts, volumes_dir, tmp_path / f"pod-{i}.log"))
         try:
             codes = [p.wait(timeout=420) for p in procs]

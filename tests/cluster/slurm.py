@@ -147,6 +147,44 @@ def _is_zombie(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def pick_subnet(second_octet: int = 77) -> ipaddress.IPv4Network:
+    """A random 10.N.X.0/24 that no interface or route on this machine uses."""
+    used = _run(["ip", "-4", "-o", "addr"], timeout=10).stdout + _run(["ip", "-4", "route"], timeout=10).stdout
+    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"(\d+\.\d+\.\d+\.\d+/\d+)", used)]
+    for _ in range(200):
+        net = ipaddress.ip_network(f"10.{second_octet}.{random.randrange(0, 256)}.0/24")
+        if not any(net.overlaps(t) for t in taken):
+            return net
+    raise SlurmHarnessError(f"no free 10.{second_octet}.X.0/24 subnet")
+
+
+# ------------------------------------------------- network namespaces (also the pods of tests/test_k8s.py)
+
+
+def add_netns(ns: str) -> None:
+    """A new network namespace, with its loopback up."""
+    _run(["ip", "netns", "add", ns])
+    _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+
+def add_veth(name: str, peer: str, netns: str | None = None, peer_netns: str | None = None) -> None:
+    """A veth pair; each end made in the given network namespace (None: this one)."""
+    _run(["ip", "link", "add", name, *(["netns", netns] if netns else []), "type", "veth",
+          "peer", "name", peer, *(["netns", peer_netns] if peer_netns else [])])
+
+
+def set_address(ns: str, dev: str, address: str) -> None:
+    """Give `dev` in namespace `ns` the address (``A.B.C.D/prefix``) and bring it up."""
+    _run(["ip", "-n", ns, "addr", "add", address, "dev", dev])
+    _run(["ip", "-n", ns, "link", "set", dev, "up"])
+
+
 def _netns_pids(ns: str) -> list[int]:
     p = _run(["ip", "netns", "pids", ns], check=False, timeout=10)
     if p.returncode != 0:
@@ -154,7 +192,7 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(x) for x in p.stdout.split() if x.isdigit()]
 
 
-def _kill_netns_processes(ns: str, spare: frozenset[int] = frozenset(), timeout: float = 10.0) -> None:
+def kill_netns_processes(ns: str, spare: frozenset[int] = frozenset(), timeout: float = 10.0) -> None:
     """SIGKILL every process inside network namespace ns but `spare` (the node's init,
     which reaps them), until none is left; then wait until they are reaped (bounded)."""
     deadline = time.monotonic() + timeout
@@ -179,21 +217,32 @@ def _kill_netns_processes(ns: str, spare: frozenset[int] = frozenset(), timeout:
         time.sleep(0.1)
 
 
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+def del_netns(ns: str) -> None:
+    """Delete a network namespace if it exists (a veth end inside goes with it, and so does its peer)."""
+    if pathlib.Path(f"/var/run/netns/{ns}").exists():
+        _run(["ip", "netns", "del", ns], timeout=15)
 
 
-def pick_subnet(second_octet: int = 77) -> ipaddress.IPv4Network:
-    """A random 10.N.X.0/24 that no interface or route on this machine uses (also used by tests/test_k8s.py)."""
-    used = _run(["ip", "-4", "-o", "addr"], timeout=10).stdout + _run(["ip", "-4", "route"], timeout=10).stdout
-    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"(\d+\.\d+\.\d+\.\d+/\d+)", used)]
-    for _ in range(200):
-        net = ipaddress.ip_network(f"10.{second_octet}.{random.randrange(0, 256)}.0/24")
-        if not any(net.overlaps(t) for t in taken):
-            return net
-    raise SlurmHarnessError(f"no free 10.{second_octet}.X.0/24 subnet")
+def write_hosts(path: pathlib.Path, entries) -> pathlib.Path:
+    """A node's /etc/hosts (node_init.py mounts it there): localhost, then one line per (address, names)."""
+    path.write_text("".join(f"{address} {names}\n" for address, names in [("127.0.0.1", "localhost"), *entries]))
+    os.chmod(path, 0o644)
+    return path
+
+
+def node_argv(ns: str, hosts: pathlib.Path, hostname: str, command: list[str]) -> list[str]:
+    """The argv that runs `command` as a machine of its own: in network namespace `ns`, with `hosts` as its
+    /etc/hosts and `hostname` as its host name.
+
+    nsenter (not `ip netns exec`, which remounts /sys and hides the cgroup fs); unshare a mount
+    namespace (private /etc/hosts) and a UTS namespace (its own hostname). --propagation slave:
+    unmounts in the root namespace (e.g. `ip netns del` of other runs' namespaces) still propagate
+    in, mounts made inside do not leak out. node_init.py bind-mounts the hosts file, sets the
+    hostname and runs `command` as a child subreaper (it reaps what daemonizes below it, such as
+    slurmstepd) -- see its docstring.
+    """
+    return ["nsenter", f"--net=/var/run/netns/{ns}", "--", "unshare", "--mount", "--uts", "--propagation", "slave",
+            "--", sys.executable, str(NODE_INIT), str(hosts), hostname, "--", *command]
 
 
 def _parse_kv_line(line: str) -> dict[str, str]:
@@ -480,22 +529,17 @@ class SlurmCluster:
             self._made_netns.append(ns)
             self._made_links.append(self._veth_host[i])
             self._save_manifest()
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "link", "add", self._veth_host[i], "type", "veth", "peer", "name", self._veth_peer[i]])
+            add_netns(ns)
+            add_veth(self._veth_host[i], self._veth_peer[i], peer_netns=ns)
             _run(["ip", "link", "set", self._veth_host[i], "master", self.bridge])
             _run(["ip", "link", "set", self._veth_host[i], "up"])
-            _run(["ip", "link", "set", self._veth_peer[i], "netns", ns])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{self.node_addrs[i]}/{prefix}", "dev", self._veth_peer[i]])
-            _run(["ip", "-n", ns, "link", "set", self._veth_peer[i], "up"])
+            set_address(ns, self._veth_peer[i], f"{self.node_addrs[i]}/{prefix}")
             _run(["ip", "-n", ns, "route", "add", "default", "via", self.controller_addr])
 
     def _write_hosts(self) -> None:
         names = " ".join([self.controller_host, f"slurmctld-{self.rid}"])
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback", f"{self.controller_addr} {names}"]
-        lines += [f"{a} {n}" for a, n in zip(self.node_addrs, self.node_names)]
-        self.hosts_path.write_text("\n".join(lines) + "\n")
-        os.chmod(self.hosts_path, 0o644)
+        write_hosts(self.hosts_path, [("::1", "localhost ip6-localhost ip6-loopback"), (self.controller_addr, names),
+                                      *zip(self.node_addrs, self.node_names)])
         if self.root_hosts:
             # Root namespace: node names only (the controller's own name stays as it is).
             add = [f"{a} {n} {HOSTS_MARK}-{self.rid}" for a, n in zip(self.node_addrs, self.node_names)]
@@ -630,36 +674,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _start_slurmd(self, i: int) -> None:
         node, ns = self.node_names[i], self.netns_names[i]
         (self.workdir / "spool" / node).mkdir(parents=True, exist_ok=True)
-        # nsenter (not `ip netns exec`, which remounts /sys and hides the cgroup fs);
-        # unshare a mount ns (private /etc/hosts) and a UTS ns (hostname == node name).
-        # --propagation slave: unmounts in the root ns (e.g. `ip netns del` of other
-        # runs' namespaces) still propagate in, our bind mount does not leak out.
-        # node_init.py: bind-mounts the hosts file, sets the hostname, runs slurmd as a
-        # child subreaper (reaps the daemonized slurmstepds) -- see its docstring.
         self._spawn(
             f"node-init:{node}",
-            [
-                "nsenter",
-                f"--net=/var/run/netns/{ns}",
-                "--",
-                "unshare",
-                "--mount",
-                "--uts",
-                "--propagation",
-                "slave",
-                "--",
-                sys.executable,
-                str(NODE_INIT),
-                str(self.hosts_path),
-                node,
-                "--",
-                "slurmd",
-                "-D",
-                "-f",
-                str(self.conf_path),
-                "-N",
-                node,
-            ],
+            node_argv(ns, self.hosts_path, node, ["slurmd", "-D", "-f", str(self.conf_path), "-N", node]),
             self.log_dir / f"slurmd.{node}.stdout",
         )
 
@@ -692,7 +709,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         #    but the node inits, which reap them; then the inits themselves.
         inits = frozenset(p.pid for p in self._procs if p.name.startswith("node-init:"))
         for ns in self._made_netns:
-            attempt(f"kill processes in {ns}", _kill_netns_processes, ns, inits)
+            attempt(f"kill processes in {ns}", kill_netns_processes, ns, inits)
         # 2. node inits, slurmctld, munged: newest first, by pid.
         for p in reversed(self._procs):
             attempt(f"stop {p.name}", _kill_pid, p.pid, p.start_time)
@@ -704,18 +721,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for link in reversed(self._made_links):
             attempt(f"ip link del {link}", _del_link, link)
         for ns in self._made_netns:
-            attempt(f"ip netns del {ns}", _del_netns, ns)
+            attempt(f"ip netns del {ns}", del_netns, ns)
         # 4. hosts lines we added to /etc/hosts (exactly those).
         attempt("restore /etc/hosts", _remove_hosts_lines, self._root_hosts_lines)
         with contextlib.suppress(OSError):
             shutil.rmtree(self.runtime_dir)
         if errors:
             raise SlurmHarnessError("teardown problems:\n" + "\n".join(errors))
-
-
-def _del_netns(ns: str) -> None:
-    if pathlib.Path(f"/var/run/netns/{ns}").exists():
-        _run(["ip", "netns", "del", ns], timeout=15)
 
 
 def _del_link(link: str) -> None:
@@ -757,7 +769,7 @@ def cleanup_stale() -> list[str]:
             continue
         for ns in m.get("netns", []):
             with contextlib.suppress(Exception):
-                _kill_netns_processes(ns)
+                kill_netns_processes(ns)
         for _name, pid, start in reversed(m.get("procs", [])):
             with contextlib.suppress(Exception):
                 _kill_pid(pid, start)
@@ -766,7 +778,7 @@ def cleanup_stale() -> list[str]:
                 _del_link(link)
         for ns in m.get("netns", []):
             with contextlib.suppress(Exception):
-                _del_netns(ns)
+                del_netns(ns)
         with contextlib.suppress(Exception):
             _remove_hosts_lines(m.get("root_hosts_lines", []))
         shutil.rmtree(d, ignore_errors=True)
