@@ -120,6 +120,7 @@ class Result:
     load_s: float = 0.0
     steps: int = 0
     levers: dict | None = None
+    installed: dict | None = None    # what the job's path installed (fused layers, long-context mode)
     rows_per_step: int = 0           # packed rows per optimizer step (batch x accumulation)
 
 
@@ -304,14 +305,11 @@ def _isolated_patches():
                     setattr(module, name, value)
 
 
-def _sft_common(out: Path, max_length: int, steps: int) -> dict:
-    import torch
-
-    cuda = torch.cuda.is_available()
+def _sft_common(out: Path, steps: int) -> dict:
+    """The SFTConfig fields every phase shares: a fixed number of constant-rate steps, nothing saved."""
     return dict(output_dir=str(out), max_steps=steps, learning_rate=2e-4, lr_scheduler_type="constant",
                 warmup_steps=0, logging_steps=steps, save_strategy="no", eval_strategy="no", report_to="none",
-                bf16=cuda, use_cpu=not cuda, disable_tqdm=True, seed=42, data_seed=42, max_length=max_length,
-                dataset_num_proc=None)
+                disable_tqdm=True, seed=42, data_seed=42)
 
 
 def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
@@ -323,6 +321,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
     from job import config as job_config
     from job import model as job_model
     from job import speed
+    from job.train import build_trainer
 
     recipe = phase.stock.describe(opts.max_length) if phase.stock else "job defaults"
     result = Result(phase.name, recipe, phase.cap_gib)
@@ -337,11 +336,14 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
         torch.cuda.set_per_process_memory_fraction(min(1.0, phase.cap_gib * 2**30 / total) if phase.cap_gib else 1.0)
     counter = _TokenCount()
     timer = _step_timer(opts.warmup, counter)
+    callbacks = [timer] + ([_profiler(opts.warmup)] if phase.profile and cuda else [])
+    trainer_class = _timed_trainer(SFTTrainer, counter)
     cfg = AutoConfig.from_pretrained(nf4_dir)
     tokenizer = AutoTokenizer.from_pretrained(nf4_dir)
     started = time.time()
     try:
         with _isolated_patches(), tempfile.TemporaryDirectory() as scratch:
+            common = _sft_common(Path(scratch), steps)
             if phase.kind == "job":
                 flags = {"base_model": str(nf4_dir), "output_dir": scratch, "max_length": opts.max_length,
                          "gpu_memory_gib": phase.cap_gib, **phase.overrides}
@@ -353,13 +355,10 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 result.rows_per_step = levers.micro_batch_size * levers.grad_accum
                 log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()
                                                          if k not in ("why", "device", "budget_gib")))
-                base = job_model.load_model(s, str(nf4_dir),
-                                            device_map=speed.device_map(levers, cfg, {"": 0}) if cuda else None,
-                                            attn_implementation=levers.attn_implementation)
-                speed.prepare_base(base, levers)
-                args = SFTConfig(**_sft_common(Path(scratch), opts.max_length, steps), packing=s.packing,
-                                 padding_free=s.packing, **speed.sft_arguments(levers))
-                peft_config = job_model.lora_config(s, base)
+                trainer, result.installed = build_trainer(s, str(nf4_dir), cfg, levers, tokenizer, dataset(rows),
+                                                          device_map={"": 0} if cuda else None,
+                                                          trainer_class=trainer_class, callbacks=callbacks, **common)
+                log(f"{phase.name}: installed {result.installed}")
             else:
                 stock = phase.stock
                 result.rows_per_step = stock.rows
@@ -367,25 +366,20 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 base = AutoModelForCausalLM.from_pretrained(
                     nf4_dir, dtype=torch.bfloat16, quantization_config=job_model.quantization_config(s),
                     device_map={"": 0} if cuda else None, attn_implementation=stock.attn)
-                args = SFTConfig(**_sft_common(Path(scratch), opts.max_length, steps), packing=stock.packing,
+                args = SFTConfig(**common, max_length=opts.max_length, bf16=cuda, use_cpu=not cuda,
+                                 dataset_num_proc=None, packing=stock.packing,
                                  padding_free=stock.packing, per_device_train_batch_size=stock.batch,
                                  gradient_accumulation_steps=stock.accum,
                                  activation_checkpointing=stock.recompute,
                                  activation_checkpointing_kwargs={"use_reentrant": False} if stock.recompute else None,
                                  use_liger_kernel=stock.liger,
                                  pad_to_multiple_of=opts.max_length if stock.pad_to_max else None)
-                peft_config = job_model.lora_config(s, base)
+                trainer = trainer_class(model=base, args=args, train_dataset=dataset(rows),
+                                        processing_class=tokenizer, peft_config=job_model.lora_config(s, base),
+                                        callbacks=callbacks)
             result.load_s = round(time.time() - started, 1)
             log(f"{phase.name}: model loaded in {result.load_s}s; training {opts.warmup} warm-up + {opts.steps} timed steps")
-            callbacks = [timer] + ([_profiler(opts.warmup)] if phase.profile and cuda else [])
-            trainer = _timed_trainer(SFTTrainer, counter)(
-                model=base, args=args, train_dataset=dataset(rows), processing_class=tokenizer,
-                peft_config=peft_config, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # its log lines would mix into the report on stdout
-            if phase.kind == "job":
-                done = speed.prepare_adapted(trainer.model, levers)
-                if done:
-                    log(f"{phase.name}: {done}")
             trainer.train()
         marks = timer.marks
         if len(marks) <= opts.warmup:

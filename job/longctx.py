@@ -918,6 +918,8 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
 
     from job import config as job_config
     from job import model as job_model
+    from job.train import build_trainer
+
     result = {"length": length, "mode": mode, "steps": steps, "ok": False, "liger": liger, "cap_gib": cap_gib}
     peak_rss, stop = _rss_sampler()
     started = time.time()
@@ -946,8 +948,7 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
         with tempfile.TemporaryDirectory() as scratch:
             common = dict(output_dir=scratch, max_steps=steps, learning_rate=2e-4, lr_scheduler_type="constant",
                           warmup_steps=0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-                          bf16=cuda, use_cpu=not cuda, disable_tqdm=True, seed=42, data_seed=42, max_length=length,
-                          dataset_num_proc=None, packing=True, padding_free=True)
+                          disable_tqdm=True, seed=42, data_seed=42)
             if mode == "stock":
                 s = job_config.load({"base_model": model_dir, "output_dir": scratch}, environ={})
                 if cap_gib and cuda:
@@ -955,10 +956,13 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
                 base = AutoModelForCausalLM.from_pretrained(
                     model_dir, dtype=job_model.compute_dtype(), quantization_config=job_model.quantization_config(s),
                     device_map={"": 0} if cuda else None, attn_implementation="sdpa")
-                args = SFTConfig(**common, per_device_train_batch_size=1, activation_checkpointing=True,
+                args = SFTConfig(**common, bf16=cuda, use_cpu=not cuda, max_length=length, dataset_num_proc=None,
+                                 packing=True, padding_free=True, per_device_train_batch_size=1,
+                                 activation_checkpointing=True,
                                  activation_checkpointing_kwargs={"use_reentrant": False},
                                  use_liger_kernel=liger and cuda)
-                levers = None
+                trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
+                                     peft_config=job_model.lora_config(s, base), callbacks=[Timer()])
             else:
                 env = {k: v for k, v in os.environ.items()
                        if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
@@ -968,20 +972,14 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
                          "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib}
                 s = job_config.load(flags, environ=env)
                 levers = speed.setup(s, cfg)
-                base = job_model.load_model(s, model_dir, device_map={"": 0} if cuda else None,
-                                            attn_implementation=levers.attn_implementation)
-                speed.prepare_base(base, levers)
-                arguments = speed.sft_arguments(levers)
-                arguments.update(per_device_train_batch_size=1, gradient_accumulation_steps=1)
-                args = SFTConfig(**common, **arguments)
                 result["levers"] = {k: v for k, v in levers.summary().items() if k != "why"}
+                trainer, installed = build_trainer(s, model_dir, cfg, levers, tokenizer, rows,
+                                                   stats={"train_tokens": length * steps},
+                                                   device_map={"": 0} if cuda else None, callbacks=[Timer()],
+                                                   **common)
+                result["long"] = installed["long_context"]
             result["load_s"] = round(time.time() - started, 1)
-            trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
-                                 peft_config=job_model.lora_config(s, base), callbacks=[Timer()])
             trainer.remove_callback(PrinterCallback)
-            if mode != "stock":
-                speed.prepare_adapted(trainer.model, levers)
-                result["long"] = apply(trainer, s, levers, {"train_tokens": length * steps})
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             trainer.train()

@@ -52,8 +52,10 @@ def train(s: Settings) -> dict:
     state.wait_for_everyone()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(layout.tensorboard))
 
-    has_eval = prepared.eval is not None
-    args = SFTConfig(
+    trainer, _ = build_trainer(
+        s, path, config, levers, tokenizer, prepared.train, prepared.eval, stats=prepared.stats,
+        device_map=_device_map(s, state), trainer_class=AtomicCheckpointTrainer,
+        callbacks=[guard, ProgressCallback()],
         output_dir=str(layout.checkpoints),
         per_device_eval_batch_size=s.micro_batch_size,
         learning_rate=s.learning_rate,
@@ -61,14 +63,7 @@ def train(s: Settings) -> dict:
         warmup_steps=s.warmup_ratio,
         num_train_epochs=s.epochs,
         max_steps=s.max_steps,
-        max_length=s.max_length,
-        packing=s.packing,
-        padding_free=s.packing,
-        **speed.sft_arguments(levers),  # micro batch, accumulation, recomputation, data loader
-        bf16=model.compute_dtype() == torch.bfloat16,
-        fp16=model.compute_dtype() == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps" if has_eval else "no",
+        eval_strategy="steps" if prepared.eval is not None else "no",
         eval_steps=s.eval_steps,
         save_strategy="steps",
         save_steps=s.save_steps,
@@ -79,19 +74,8 @@ def train(s: Settings) -> dict:
         data_seed=s.seed,
         disable_tqdm=True,  # progress goes to the log as lines, readable in a batch job's output
         ddp_timeout=3 * 3600,  # rank 0 may be saving or tokenizing while others wait
-        dataset_num_proc=None,
     )
-    # after the SFTConfig: under ZeRO-3 it makes from_pretrained shard the weights as they load
-    base = model.load_model(s, path, device_map=speed.device_map(levers, config, _device_map(s, state),
-                                                                   s.trust_remote_code),
-                            attn_implementation=levers.attn_implementation)
-    speed.prepare_base(base, levers)
-    trainer = AtomicCheckpointTrainer(
-        model=base, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-        processing_class=tokenizer, peft_config=model.lora_config(s, base), callbacks=[guard, ProgressCallback()])
     trainer.keep_checkpoints = s.save_total_limit
-    speed.prepare_adapted(trainer.model, levers)
-    longctx.apply(trainer, s, levers, prepared.stats)  # long-context mode when on (docs/long-context.md)
     resume = checkpoint.latest_checkpoint(layout.checkpoints)
     log.info("%s (rows: %d train, %d eval; %s)", f"resuming from {resume.name}" if resume else "starting",
              prepared.stats["train_rows"], prepared.stats["eval_rows"], _params(trainer.model))
@@ -130,6 +114,38 @@ def train(s: Settings) -> dict:
         log.info("adapter saved: %s", layout.adapter)
     state.wait_for_everyone()
     return metrics
+
+
+def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenizer, train_dataset, eval_dataset=None,
+                  *, device_map, trainer_class=SFTTrainer, callbacks=(), stats: dict | None = None,
+                  **sft_arguments) -> tuple[SFTTrainer, dict]:
+    """The job's model and trainer, and what was installed on them: 4-bit base, speed levers, LoRA, the
+    long-context mode when on.
+
+    The one place this is assembled: `train` runs it, `job bench` and the long-context trial time it, so what is
+    measured is what users train with. `sft_arguments` are the run's own SFTConfig fields (steps, schedule,
+    saving); the levers add micro batch, accumulation, recomputation and data loading."""
+    args = SFTConfig(
+        max_length=s.max_length,
+        packing=s.packing,
+        padding_free=s.packing,
+        bf16=model.compute_dtype() == torch.bfloat16,
+        fp16=model.compute_dtype() == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        dataset_num_proc=None,
+        **speed.sft_arguments(levers),
+        **sft_arguments,
+    )
+    # after the SFTConfig: under ZeRO-3 it makes from_pretrained shard the weights as they load
+    base = model.load_model(s, path, device_map=speed.device_map(levers, config, device_map, s.trust_remote_code),
+                            attn_implementation=levers.attn_implementation)
+    speed.prepare_base(base, levers)
+    trainer = trainer_class(model=base, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                            processing_class=tokenizer, peft_config=model.lora_config(s, base),
+                            callbacks=list(callbacks))
+    installed = speed.prepare_adapted(trainer.model, levers)
+    installed["long_context"] = longctx.apply(trainer, s, levers, stats)  # docs/long-context.md
+    return trainer, installed
 
 
 def _device_map(s: Settings, state):

@@ -121,6 +121,17 @@ def test_a_tiny_phase_runs_end_to_end_on_cpu(tiny_model):
     assert 900 <= accumulated.tokens_per_step <= 4 * 256  # an optimizer step is 2 micro-batches of 2 packed rows
 
 
+def test_the_bench_times_the_path_users_train_with(tiny_model):
+    """The job's phase is assembled by train.build_trainer, as `job train` is: a setting that turns the
+    long-context mode on installs it in the bench too (an earlier copy of the path skipped it)."""
+    rows = bench.make_rows(40, 1024, 256, seed=0, median=60)
+    opts = bench.Options(max_length=256, warmup=1, steps=1)
+    long = bench.run_phase(bench.Phase("job long", "job", overrides={"long_context": "on"}), Path(tiny_model),
+                           rows, opts)
+    assert long.ok, long.error
+    assert long.installed["long_context"]["long_context"] is True
+
+
 def test_under_a_cap_stock_is_also_timed_at_the_jobs_rows_per_step():
     """The fastest stock recipe under 16-24 GiB takes 8 rows a step where the job's settings say 4: other
     training. The same-rows recipes accumulate instead, and the ratio against them is reported on its own."""

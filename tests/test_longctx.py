@@ -295,3 +295,11 @@ def test_sharded_strategies_leave_the_long_context_mode_off():
     assert not p.on and "STRATEGY=fsdp" in p.why
     levers = _levers(settings(max_length=131072, strategy="fsdp"), shape)
     assert "long-context mode" not in levers.reasons["checkpointing"]
+
+
+def test_a_trial_trains_the_jobs_path_with_the_mode_on(tiny_model):
+    """`python -m job.longctx trial` (what the search and scripts/gpu/longctx.sh run): one step, finite loss, the
+    mode installed by the same assembly as `job train`."""
+    result = longctx.trial(str(tiny_model), 512, 1, "long")
+    assert result["ok"], result.get("error")
+    assert result["long"]["long_context"] is True
