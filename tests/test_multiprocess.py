@@ -47,20 +47,14 @@ COUNT_TOKENIZATION = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def hf_home(tmp_path_factory, monkeypatch):
-    home = tmp_path_factory.getbasetemp() / "hf-multiprocess"
-    monkeypatch.setenv("HF_HOME", str(home))  # the tiny model is built there once
-    return home
-
-
 def _train(output: Path, **extra) -> dict:
     s = config.load({}, environ={"OUTPUT_DIR": str(output), **TINY, **extra})
     assert launch.run_training(s) == errors.EXIT_OK
     return json.loads((output / "metrics" / "train.json").read_text())
 
 
-def test_two_cpu_processes_train_like_one_and_tokenize_once(tmp_path, hf_home, monkeypatch):
+def test_two_cpu_processes_train_like_one_and_tokenize_once(tmp_path, hf_home, tiny_model, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hf_home))  # the training processes use the session's tiny model
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(COUNT_TOKENIZATION)

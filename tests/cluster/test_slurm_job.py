@@ -47,11 +47,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("hf")  # the tiny model is built once, on first use
-
-
 def _env_file(path: pathlib.Path, settings: dict) -> pathlib.Path:
     path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     return path
@@ -81,7 +76,7 @@ def _check_finished(output: pathlib.Path, max_steps: int) -> dict:
     return train
 
 
-def test_one_node_two_processes_requeued_mid_run_resumes(cluster, tmp_path, hf_home):
+def test_one_node_two_processes_requeued_mid_run_resumes(cluster, tmp_path, hf_home, tiny_model):
     output = tmp_path / "out"
     env_file = _env_file(tmp_path / "job.env", {"OUTPUT_DIR": output, "HF_HOME": hf_home, "NUM_PROCESSES": 2,
                                                 **TINY})
@@ -103,7 +98,7 @@ def test_one_node_two_processes_requeued_mid_run_resumes(cluster, tmp_path, hf_h
         assert (output / "logs" / node_log).is_file(), sorted(p.name for p in (output / "logs").iterdir())
 
 
-def test_two_nodes_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, hf_home):
+def test_two_nodes_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, hf_home, tiny_model):
     output = tmp_path / "out"
     env_file = _env_file(tmp_path / "job.env", {"OUTPUT_DIR": output, "HF_HOME": hf_home, **TINY})
     job = cluster.sbatch(SBATCH, ["-N", "2", *CPU_ONLY, "-o", str(tmp_path / "slurm-%j.out")],
