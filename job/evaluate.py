@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from typing import NamedTuple
 
 import torch
 
@@ -58,8 +59,8 @@ def evaluate(s: Settings) -> dict:
         prompt = tokenizer.apply_chat_template(sample["messages"], add_generation_prompt=True, tokenize=False)
         entry = {"prompt": prompt, "reference": sample["reference"]}
         with tuned.disable_adapter():
-            entry["before"] = generate(tuned, tokenizer, prompt, eos_ids, s.max_new_tokens)
-        entry["after"] = generate(tuned, tokenizer, prompt, eos_ids, s.max_new_tokens)
+            entry["before"] = generate(tuned, tokenizer, prompt, s.max_new_tokens, eos_ids).text
+        entry["after"] = generate(tuned, tokenizer, prompt, s.max_new_tokens, eos_ids).text
         samples.append(entry)
         log.info("prompt test\n  prompt:    %r\n  reference: %r\n  before:    %r\n  after:     %r",
                  prompt, entry["reference"], entry["before"], entry["after"])
@@ -70,12 +71,20 @@ def evaluate(s: Settings) -> dict:
     return result
 
 
+class Generation(NamedTuple):
+    text: str
+    tokens: list[int]  # the new tokens, ending with the stop token when one ended the generation
+
+
 @torch.no_grad()
-def generate(lm, tokenizer, prompt: str, eos_ids: list[int], max_new_tokens: int) -> str:
+def generate(lm, tokenizer, prompt: str, max_new_tokens: int, eos_ids: list[int] | None = None) -> Generation:
+    """Greedy generation from prompt (the prompt test), stopping at eos_ids; without them, where the model's own
+    generation config says (how the merge checks the saved one)."""
+    stops = {"eos_token_id": eos_ids, "pad_token_id": tokenizer.pad_token_id} if eos_ids else {}
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(lm.device)
-    output = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
-                         pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    output = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **stops)
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), new)
 
 
 def _fmt(value) -> str:

@@ -45,6 +45,7 @@ from job import checkpoint, data, model
 from job.checkpoint import Layout
 from job.config import Settings
 from job.errors import ConfigError, VerifyFailed
+from job.evaluate import generate
 
 log = logging.getLogger("job.merge")
 
@@ -171,7 +172,10 @@ def _merge_and_check(s: Settings, path: str, adapter: str, tokenizer, chat_templ
     loaded.eval()
     gap = compare(logits(loaded, rows), reference)
     eos_ids = _as_list(loaded.generation_config.eos_token_id)
-    sample = generate_sample(loaded, loaded_tokenizer, messages, s.max_new_tokens)
+    prompt = loaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text, new = generate(loaded, loaded_tokenizer, prompt, s.max_new_tokens)  # no eos_ids: the saved ones stop it
+    sample = {"prompt": prompt, "output": text, "new_tokens": len(new),
+              "stopped_at_eos": bool(new) and new[-1] in eos_ids}
     del loaded
     _free()
 
@@ -332,18 +336,6 @@ def set_distinct_pad(tokenizer, eos_ids: list[int]) -> None:
             tokenizer.pad_token = candidate
             return
     log.warning("the pad token is a stop token (%s) and the vocabulary has no other to use", tokenizer.pad_token)
-
-
-@torch.no_grad()
-def generate_sample(lm, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
-    """Greedy generation from a chat-templated prompt, stopping where generation_config says."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(lm.parameters()).device)
-    output = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = output[0, inputs["input_ids"].shape[1]:].tolist()
-    stops = _as_list(lm.generation_config.eos_token_id)
-    return {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-            "stopped_at_eos": bool(new) and new[-1] in stops}
 
 
 def _as_list(ids) -> list[int]:
