@@ -15,7 +15,7 @@
 #                build on PyPI) or a wheel under image/wheels/ mounted at /wheels, e.g.
 #                /wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl.
 #   APP_UID      uid of the non-root user `job` (default 1000); files on /data are written as it.
-#   VERSION, REVISION, SOURCE, CREATED   OCI labels (image/build.sh fills them from git).
+#   VERSION, REVISION, SOURCE, CREATED   OCI labels (image/build-gpu.sh fills them from git).
 #   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL   optional package mirrors (builder stage only).
 # Build secret (optional): --secret id=pip_cert,src=/path/ca-bundle.crt for a TLS-intercepting proxy.
 #

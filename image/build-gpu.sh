@@ -5,27 +5,23 @@
 # Env: IMAGE (tag, default job:gpu), BASE_IMAGE / TORCH_SPEC / APP_UID overrides, VERSION, SOURCE.
 # Extra arguments go to `docker build` / `buildah bud` (e.g. --push is not one: push separately).
 set -euo pipefail
+# Only what the caller set overrides the Dockerfile's defaults; read before common.sh, which gives
+# BASE_IMAGE the CPU test build's Debian base.
+overrides=()
+for v in BASE_IMAGE TORCH_SPEC APP_UID; do
+  [[ -n "${!v:-}" ]] && overrides+=(--build-arg "$v=${!v}")
+done
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 IMAGE="${IMAGE:-job:gpu}"
-args=()
+# LAYERS=true: the labels also as --label, which buildah's layer cache needs (label_args); docker takes them too
 mapfile -t args < <(LAYERS=true label_args; pip_cert_args; index_args)
-for v in BASE_IMAGE TORCH_SPEC APP_UID; do
-  # BASE_IMAGE has a test default in common.sh; only pass what the caller set explicitly.
-  [[ -n "${!v:-}" && "${!v}" != localhost/job-base:* ]] && args+=(--build-arg "$v=${!v}")
-done
+args+=(${overrides[@]+"${overrides[@]}"})
 
 cd "$REPO_ROOT"
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   log "docker build -t $IMAGE"
-  # --label duplicates are for buildah's cache quirk only; docker caches LABEL correctly.
-  filtered=(); skip=0
-  for a in "${args[@]}"; do
-    if ((skip)); then skip=0; continue; fi
-    if [[ "$a" == --label ]]; then skip=1; continue; fi
-    filtered+=("$a")
-  done
-  DOCKER_BUILDKIT=1 exec docker build "${filtered[@]}" "$@" -t "$IMAGE" .
+  DOCKER_BUILDKIT=1 exec docker build "${args[@]}" "$@" -t "$IMAGE" .
 fi
 
 "$IMAGE_DIR/deps.sh" >/dev/null
