@@ -56,9 +56,6 @@ HOST_SHARE = 0.85            # of the host's available memory, what the pinned b
 CACHE_HOST_SHARE = 0.40      # the attention-output cache only when everything pinned stays under this share
 GPU_OVERHEAD_GIB = 0.6       # cuBLAS workspaces, the fused head's tiles, allocator slack
 HOST_BASE_GIB = 5.0          # the training process itself (Python, torch, CUDA context, tokenizer, data)
-# Families whose decoder layer ends in `residual + mlp(post_attention_layernorm(h))`: nothing after the MLP saves
-# anything, so the recompute may skip the MLP's forward.
-SKIP_MLP_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "granite"}
 
 
 # ------------------------------------------------------------------------------------------------ deciding
@@ -122,7 +119,7 @@ def plan(s, shape, device, stats: dict | None = None, *, levers=None, host_gib: 
     host = host_budget_gib() if host_gib is None else host_gib
     cuda = getattr(device, "cuda", False)
     on, why = decide(s, tokens, cuda)
-    if on is None and levers is not None and levers.estimated_peak_gib > device.budget_gib * 0.9:
+    if on is None and levers is not None and levers.estimated_peak_gib > speed.usable_gib(device.budget_gib):
         on, why = True, (f"auto: the plain path needs ~{levers.estimated_peak_gib:.0f} GiB of "
                          f"{device.budget_gib:.0f} GiB")
     elif on is None:
@@ -261,10 +258,6 @@ def rope_note(config, tokens: int) -> str | None:
 
 
 # --------------------------------------------------------------------------------------- offloading
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
 
 @dataclass
 class _Entry:
@@ -452,7 +445,7 @@ class _TokenChunks(torch.autograd.Function):
         ctx.devices, ctx.device_rng = get_device_states(x)
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x)
-        if run.skip_in_recompute and _in_backward():
+        if run.skip_in_recompute and speed.in_backward():
             run.skipped += 1
             return torch.empty_like(x)
         return _run_chunks(run, x)
@@ -553,17 +546,17 @@ class _CachedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu, longest: int, scale: float, store: Offloader | None, layer: int):
         ctx.longest, ctx.scale, ctx.cuda = longest, scale, q.is_cuda
         key = ("attn", layer)
-        if store is not None and _in_backward() and store.has(key + ("out",)):
+        if store is not None and speed.in_backward() and store.has(key + ("out",)):
             out = store.take(key + ("out",))
             lse = store.take(key + ("lse",)) if q.is_cuda else out.new_empty(0)
         elif q.is_cuda:
             out, lse = attention_forward(q, k, v, cu, longest, scale)
-            if store is not None and not _in_backward():
+            if store is not None and not speed.in_backward():
                 store.put(key + ("out",), layer, out, slot=("attn_out", layer))
                 store.put(key + ("lse",), layer, lse, slot=("attn_lse", layer))
         else:
             out, lse = speed._varlen_reference(q, k, v, cu, scale), q.new_empty(0)
-            if store is not None and not _in_backward():
+            if store is not None and not speed.in_backward():
                 store.put(key + ("out",), layer, out)
         ctx.save_for_backward(q, k, v, cu, out, lse)
         return out
@@ -741,12 +734,12 @@ class LongContext:
         """Each layer's checkpoint: torch's non-reentrant checkpoint, its saved input offloaded."""
         from torch.utils.checkpoint import checkpoint
 
-        if index == 0 and not _in_backward():
+        if index == 0 and not speed.in_backward():
             self.store.clear()  # a new forward: anything left from one without backward is stale
         counter = [0]
 
         def pack(t):
-            if (_in_backward() or isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.store.min_bytes
+            if (speed.in_backward() or isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.store.min_bytes
                     or t.device != self.store.device and not self.store.simulate):
                 return t
             counter[0] += 1
@@ -791,10 +784,9 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
         return hf._longctx
     layers = _decoder_layers(hf)
     device = next(layers[0].parameters()).device  # the embedding table may live in CPU memory (job.speed)
-    store = Offloader(device, simulate=simulate)
-    mode = LongContext(hf, store, cache)
+    mode = LongContext(hf, Offloader(device, simulate=simulate), cache)
     shape = speed.Shape.of(hf.config)
-    skip = hf.config.model_type in SKIP_MLP_FAMILIES
+    skip = hf.config.model_type in speed.SKIP_MLP_FAMILIES
     mlp_tokens = mlp_tokens or mlp_chunk(shape)
     norm_tokens = norm_tokens or NORM_CHUNK
     for index, layer in enumerate(mode.layers):
@@ -833,7 +825,25 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
             log.warning("long-context: job.speed's attention, no attention-output cache (the self-check of this "
                         "mode's kernels failed: %s)", problem)
 
-    # every layer checkpointed through our function, also after the Trainer (re)enables checkpointing
+    _checkpoint_through(mode, tokens, shape, simulate)
+    return mode
+
+
+def offload_checkpoints(model, tokens: int, *, simulate: bool = False) -> LongContext:
+    """Only this mode's checkpointing on every decoder layer: inputs to pinned CPU memory asynchronously, back one
+    layer ahead of the backward (job.speed's `offload` plan under a small memory cap uses it)."""
+    hf = _hf_model(model)
+    layers = _decoder_layers(hf)
+    mode = LongContext(hf, Offloader(next(layers[0].parameters()).device, simulate=simulate), cache=False)
+    mode.own_kernels = False
+    _checkpoint_through(mode, tokens, speed.Shape.of(hf.config), simulate)
+    return mode
+
+
+def _checkpoint_through(mode: LongContext, tokens: int, shape, simulate: bool) -> None:
+    """Every layer checkpointed through `mode.checkpoint`, also after the Trainer (re)enables checkpointing; the
+    pinned buffers reserved now, not inside the first step."""
+    hf, store = mode.hf, mode.store
     original = hf.activation_checkpointing_enable
 
     def enable(*args, **kwargs):
@@ -845,17 +855,16 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
     if not any(getattr(layer, "gradient_checkpointing", False) for layer in mode.layers):
         original(activation_checkpointing_kwargs={"use_reentrant": False})
     mode.install_checkpointing()
-    if device.type == "cuda" and not simulate:  # pin the buffers now, not inside the first step
+    if store.cuda and not simulate:
         started = time.time()
         for index in range(len(mode.layers)):
             store.reserve(("ckpt", index, 1), tokens * shape.hidden * 2)
             if mode.cache:
                 store.reserve(("attn_out", index), tokens * shape.q * 2)
                 store.reserve(("attn_lse", index), tokens * shape.heads * 4)
-        log.info("long-context: %.1f GiB of pinned CPU memory in %.1fs (%s)", store.pinned_bytes / GiB,
+        log.info("checkpoints offloaded: %.1f GiB of pinned CPU memory in %.1fs (%s)", store.pinned_bytes / GiB,
                  time.time() - started, store.pin_method or "cudaHostRegister")
     hf._longctx = mode
-    return mode
 
 
 def apply(trainer, s, levers=None, stats: dict | None = None, *, host_gib: float | None = None) -> dict:

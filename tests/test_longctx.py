@@ -283,8 +283,13 @@ def test_the_speed_planner_leaves_memory_to_the_long_context_mode():
         levers = _levers(s, shape, capped)
         assert (levers.checkpointing, levers.checkpoint_layers, levers.offload_embeddings) == ("offload", 32, False)
         assert "long-context mode" in levers.reasons["checkpointing"]
-    plain = _levers(settings(max_length=2048), shape, dataclasses_replace(H100, budget_gib=8.0, capped=True))
+    eight = dataclasses_replace(H100, budget_gib=8.0, capped=True)
+    plain = _levers(settings(max_length=2048), shape, eight)
     assert plain.offload_embeddings  # outside the mode the 8 GiB plan still moves them
+    # a plain plan that fits its cap, however tightly, leaves the mode off (it once turned on above 90%)
+    tight = dataclasses_replace(plain, estimated_peak_gib=7.4)  # the plan with liger on the H100: 7.2
+    assert 0.9 * 8.0 < tight.estimated_peak_gib <= speed.usable_gib(8.0)
+    assert not longctx.plan(settings(max_length=2048), shape, eight, levers=tight, host_gib=120.0).on
     with pytest.raises(ConfigError, match="OFFLOAD_EMBEDDINGS=true does not combine with the long-context mode"):
         _levers(settings(max_length=65536, offload_embeddings="true"), shape, capped)
 

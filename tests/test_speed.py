@@ -154,7 +154,8 @@ def test_sft_arguments_follow_the_levers():
     args = speed.sft_arguments(speed.Levers(checkpointing="offload", checkpoint_layers=32, micro_batch_size=2,
                                             grad_accum=2, dataloader_workers=2, device="H100"))
     assert args["per_device_train_batch_size"] == 2 and args["gradient_accumulation_steps"] == 2
-    assert args["activation_checkpointing"] and args["activation_checkpointing_kwargs"]["offload"]
+    # offloading is job.longctx's asynchronous offloader, installed by prepare_adapted, not transformers' own
+    assert args["activation_checkpointing"] and args["activation_checkpointing_kwargs"] == {"use_reentrant": False}
     assert args["dataloader_num_workers"] == 2 and args["dataloader_pin_memory"]
     assert not speed.sft_arguments(speed.Levers())["activation_checkpointing"]
 
@@ -277,6 +278,50 @@ def test_partial_recomputation_spreads_the_layers(quiet, tiny_model):
     base.activation_checkpointing_enable()
     flags = [layer.gradient_checkpointing for layer in base.model.layers]
     assert sum(flags) == 2 and flags != [True, True, False, False]
+
+
+@pytest.mark.parametrize("checkpointing, count", [("partial", 2), ("full", 4), ("offload", 4)])
+def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, monkeypatch, checkpointing, count):
+    """The fused layer of a down projection skips its matmul in a recompute (only its saved input is needed):
+    its 4-bit weight is dequantized twice a step (forward, backward), not three times, in every layer, with the
+    same loss and gradients as no recomputation; `offload` also sends the checkpoints to (here simulated) host
+    memory through job.longctx's offloader."""
+    from peft import get_peft_model
+
+    ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
+    dequantized: dict[int, int] = {}
+    original = speed.frozen_weight
+
+    def counting(base, dtype):
+        dequantized[id(base)] = dequantized.get(id(base), 0) + 1
+        return original(base, dtype)
+
+    monkeypatch.setattr(speed, "frozen_weight", counting)
+    results = []
+    for levers in (speed.Levers(lora_kernel=True),
+                   speed.Levers(lora_kernel=True, checkpointing=checkpointing, checkpoint_layers=count, tokens=40)):
+        base = model.load_model(quiet, str(tiny_model))
+        speed.prepare_base(base, levers)
+        torch.manual_seed(3)
+        lm = get_peft_model(base, model.lora_config(quiet, base))
+        installed = speed.prepare_adapted(lm, levers)
+        assert ("checkpoints_offloaded" in installed) == (levers.checkpointing == "offload")
+        if levers.checkpointing != "none":
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert sum(layer.gradient_checkpointing for layer in base.model.layers) == levers.checkpoint_layers
+        dequantized.clear()
+        lm.train()
+        out = lm(input_ids=ids, labels=ids)
+        out.loss.backward()
+        down = [dequantized[id(layer.mlp.down_proj.get_base_layer())] for layer in base.model.layers]
+        up = [dequantized[id(layer.mlp.up_proj.get_base_layer())] for layer in base.model.layers]
+        assert down == [2] * len(down)
+        assert sum(n == 3 for n in up) == levers.checkpoint_layers  # the other layers are recomputed in full
+        results.append((out.loss.detach(), grads(lm)))
+    (plain_loss, plain_grads), (loss, recomputed_grads) = results
+    assert torch.allclose(plain_loss, loss)
+    for name, grad in plain_grads.items():
+        assert (grad - recomputed_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
 
 
 # ------------------------------------------------------------------------------------------- loss curves
