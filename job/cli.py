@@ -158,6 +158,7 @@ def run(s):
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
         raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
     summary = Summary(layout, s)
+    launch.stop_on_signals()
     try:
         plan = check(s, world_size=where.world_size)
         plan["launch"] = where.describe()

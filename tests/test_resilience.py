@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.jobtools import REPO, job_env, read_summary, run_job
+from tests.jobtools import REPO, TRAINED, copy_output, job_env, read_summary, run_job
 from job import checkpoint
 from job.checkpoint import Layout
 from job.errors import EXIT_PREEMPTED
@@ -114,3 +114,24 @@ def test_sigterm_checkpoints_exits_75_and_resume_skips_a_truncated_checkpoint(tm
     assert f"resuming from {saved.name}" in result.stderr
     assert losses(output).keys() == losses(reference).keys()
     assert final_eval_loss(output) == pytest.approx(final_eval_loss(reference), rel=1e-2)
+
+
+def test_a_stop_signal_while_evaluating_or_merging_exits_75_and_the_rerun_finishes(tmp_path, hf_home, trained_output):
+    """SIGUSR1 (Slurm's warning before the time limit) after training, while `job run` evaluates or merges: exit
+    75 (requeue), not death by the signal (138, seen on the GPU machine); the rerun finishes without training."""
+    output, log_path = copy_output(trained_output, tmp_path / "out"), tmp_path / "run.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "job", "run"], cwd=REPO, stdout=log, stderr=log,
+                                   env=job_env(hf_home, OUTPUT_DIR=output, **TRAINED), start_new_session=True)
+    deadline = time.time() + 300
+    while not (output / "summary.json").exists() or read_summary(output)["status"] not in ("evaluating", "merging"):
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=120) == EXIT_PREEMPTED, log_path.read_text()[-3000:]
+    summary = read_summary(output)
+    assert summary["status"] == "preempted" and "SIGUSR1" in summary["error"]
+    result = run_job(hf_home, "run", OUTPUT_DIR=output, **TRAINED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_summary(output)["status"] == "done" and checkpoint.is_complete(Layout(output).merged)
+    assert "starting" not in result.stderr and "resuming" not in result.stderr  # training was not run again
