@@ -61,9 +61,12 @@ OVERHEAD_GIB = 0.15      # cuBLAS workspaces, the optimizer's scratch, allocator
 # the dispatch of ~10^4 operations of PEFT, bitsandbytes, transformers) is ~0.47 s whatever the tokens, so small
 # micro-batches leave the GPU waiting (1 row of 2048: 4,300 tokens/s; 4 rows: 12,700).
 CPU_TOKENS = 6000
-RECOMPUTE_GPU = 0.55      # a recomputed layer's extra GPU time, relative to its forward + backward
+# Recomputation and offload, from the run of 2026-11-25 (docs/performance.md, run 7): 22 and 28 of 32 layers
+# recomputed cost 5.3-5.5 ms a layer on a 0.577 s step (the down projection's matmul skipped in the recompute);
+# all 32 with checkpoints offloaded and the input embedding in CPU memory took 0.918 s.
+RECOMPUTE_GPU = 0.30      # recomputing every layer: extra GPU time, relative to the step without recomputation
 RECOMPUTE_CPU = 0.33      # ... and extra host time (its forward is dispatched again)
-OFFLOAD_COST = 0.15       # checkpoints to pinned CPU memory and back, per token
+OFFLOAD_COST = 0.25       # checkpoints to pinned CPU memory and back, per token
 HEAD_STREAM_TOKENS = 1000  # the output layer over PCIe twice a micro-step (2 x 1 GiB at ~25 GB/s)
 INPUT_GATHER_TOKENS = 300  # the input rows gathered and pinned on the CPU before the GPU starts (~64 MiB, ~25 ms)
 
