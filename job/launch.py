@@ -426,11 +426,14 @@ def outcome(code: int, ranks: dict[int, int], signum: int = 0) -> int:
     (rank -> code) and the stop signal received, if any."""
     if code == errors.EXIT_OK:
         return errors.EXIT_OK
-    if code == errors.EXIT_PREEMPTED or errors.EXIT_PREEMPTED in ranks.values() or signum or code < 0:
+    # a process that fails makes the launcher stop the others, which checkpoint and exit 75: without a stop signal
+    # of our own, their 75 is the echo of that failure, and a requeue would only meet it again
+    failures = {rank: c for rank, c in ranks.items() if c != errors.EXIT_PREEMPTED}
+    if signum or code < 0 or (not failures and (code == errors.EXIT_PREEMPTED or ranks)):
         return errors.EXIT_PREEMPTED  # a checkpoint was written (or the last one stands): rerun to resume
-    if errors.EXIT_BAD_INPUT in ranks.values():
+    if errors.EXIT_BAD_INPUT in failures.values():
         return errors.EXIT_BAD_INPUT
-    return ranks[min(ranks)] if ranks else code
+    return failures[min(failures)] if failures else code
 
 
 def read_exit_codes(directory: str) -> dict[int, int]:

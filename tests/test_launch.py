@@ -226,6 +226,9 @@ def test_child_environment():
     (1, {}, signal.SIGUSR1, 75),
     (-9, {}, 0, 75),  # the launcher was killed
     (1, {1: 2}, 0, 2),  # bad input on one rank: never retried (Kubernetes podFailurePolicy)
+    (1, {0: 75, 1: 2}, 0, 2),  # ... and the launcher stopped the other rank, which checkpointed: still 2, no requeue
+    (1, {0: 75, 1: 3}, 0, 3),  # a training failure on one rank, the others stopped by the launcher
+    (1, {0: 75, 1: 2}, signal.SIGTERM, 75),  # we were preempted too: rerun (the bad input shows again, alone)
     (1, {2: 6, 1: 3}, 0, 3),  # the lowest rank's code
     (1, {}, 0, 1),
     (3, {}, 0, 3),  # one plain process: its own code
