@@ -172,8 +172,7 @@ class Settings:
     # --- launch: where training runs (docs/launch.md). Unset layout settings are read from Slurm, a Kubernetes
     # Indexed Job or torchrun-style variables (job.launch); `job preflight` prints what it found.
     strategy: str = setting("ddp", "How the ranks share the model: ddp (a copy per GPU), fsdp (FSDP with the 4-bit "
-                            "weights sharded; refused on several GPUs for now, docs/launch.md), zero2 or zero3 "
-                            "(DeepSpeed). Checkpoints resume only under the "
+                            "weights sharded), zero2 or zero3 (DeepSpeed). Checkpoints resume only under the "
                             "strategy that wrote them.", choices=("ddp", "fsdp", "zero2", "zero3"), group="launch")
     num_machines: int | None = setting(None, "Machines (nodes) in the job; unset: from the scheduler's variables, "
                                        "else 1.", group="launch", identity=False)

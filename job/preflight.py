@@ -35,11 +35,6 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
 
     layout = Layout(s.output)
     check_output_dir(layout)
-    if s.strategy == "fsdp" and world_size > 1:
-        raise ConfigError(f"STRATEGY=fsdp on {world_size} processes is refused: on 2 H100s (2026-11-25, FSDP1 with "
-                          "transformers 5.24, accelerate 1.15, peft 0.21) it trained, but its checkpoints and final "
-                          "adapter held none of the LoRA weights (the run ended with exit 3 after all its GPU time). "
-                          "Use STRATEGY=zero3 to shard the model (checked on the same machine) or ddp")
     if s.hub_model_id and not publish.token():
         raise ConfigError(f"HUB_MODEL_ID={s.hub_model_id} asks for a push but no token was found: set HF_TOKEN "
                           "or HF_TOKEN_FILE (a mounted secret)")

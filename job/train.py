@@ -33,6 +33,8 @@ def train(s: Settings) -> dict:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, PartialState() sees one process, not gloo's
+    if s.strategy == "fsdp":
+        patch_peft_for_fsdp1()  # before any checkpoint is saved or resumed
     layout = Layout(s.output)
     if checkpoint.is_complete(layout.adapter):
         log.info("training already finished: %s", layout.adapter)
@@ -146,6 +148,40 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
     installed = speed.prepare_adapted(trainer.model, levers)
     installed["long_context"] = longctx.apply(trainer, s, levers, stats)  # docs/long-context.md
     return trainer, installed
+
+
+def patch_peft_for_fsdp1():
+    """PEFT 0.21 finds the adapter's state-dict keys from module names, stripping only a *leading*
+    "_fsdp_wrapped_module."; FSDP1's nested units (each decoder layer, each LoRA Linear) leave more of them inside
+    the name, so no key matches: saves get 0 tensors and loads put nothing back. Clean the names like torch does,
+    and load sharded adapter checkpoints without set_peft_model_state_dict's prefix guess (it reads FSDP's
+    wrapped parameter names and strips "base_model.model." from every key)."""
+    import accelerate.utils.fsdp_utils as fsdp_utils
+    import peft.tuners.tuners_utils as tuners_utils
+    from accelerate.utils import extract_model_from_parallel, is_peft_model
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    if getattr(tuners_utils, "_job_fsdp_patched", False):
+        return
+    prefixes = tuners_utils._get_tuner_state_dict_key_prefixes
+    tuners_utils._get_tuner_state_dict_key_prefixes = lambda model, adapter_name=None: {
+        clean_tensor_name(p) for p in prefixes(model, adapter_name)}
+
+    set_state = fsdp_utils._set_model_state_dict
+
+    def set_model_state_dict(model, state_dict, adapter_only=False, sd_options=None):
+        if not (adapter_only and sd_options is None and is_peft_model(model)):  # FSDP1 adapter checkpoints only
+            return set_state(model, state_dict, adapter_only=adapter_only, sd_options=sd_options)
+        peft_model = extract_model_from_parallel(model)
+        name = peft_model.active_adapter
+        config = peft_model.peft_config[name]
+        state_dict = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=name, state_dict=state_dict)
+        return model.load_state_dict(state_dict, strict=False)
+
+    fsdp_utils._set_model_state_dict = set_model_state_dict
+    tuners_utils._job_fsdp_patched = True
 
 
 def _device_map(s: Settings, state):

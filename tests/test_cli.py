@@ -102,13 +102,3 @@ def test_preflight_prints_the_plan_and_the_loss_mask(monkeypatch, capsys, tmp_pa
     assert plan["data"]["train_rows"] > 2000 and plan["planned_steps"] > 0
     assert not (tmp_path / "o" / "checkpoints").exists()
 
-
-def test_fsdp_on_several_processes_is_refused_before_any_gpu_time(tmp_path):
-    """FSDP trained on 2 H100s but saved no LoRA weights (exit 3 at the end): refused up front, naming the way out."""
-    from job import config, preflight
-    from job.errors import ConfigError
-
-    s = config.load({"output_dir": str(tmp_path / "o"), "strategy": "fsdp"}, environ={})
-    with pytest.raises(ConfigError, match="STRATEGY=fsdp on 2 processes is refused.*STRATEGY=zero3"):
-        preflight.preflight(s, world_size=2)
-    assert not (tmp_path / "o" / "checkpoints").exists()

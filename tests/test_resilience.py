@@ -118,7 +118,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_skips_a_truncated_checkpoint(tm
 
 def test_a_stop_signal_while_evaluating_or_merging_exits_75_and_the_rerun_finishes(tmp_path, hf_home, trained_output):
     """SIGUSR1 (Slurm's warning before the time limit) after training, while `job run` evaluates or merges: exit
-    75 (requeue), not death by the signal (138, seen on the GPU machine); the rerun finishes without training."""
+    75 (requeue), not death by the signal (it was: -10); the rerun finishes without training."""
     output, log_path = copy_output(trained_output, tmp_path / "out"), tmp_path / "run.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "job", "run"], cwd=REPO, stdout=log, stderr=log,
