@@ -158,33 +158,33 @@ def run(s):
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
         raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
     summary = Summary(layout, s)
-    launch.stop_on_signals()
-    try:
-        plan = check(s, world_size=where.world_size)
-        plan["launch"] = where.describe()
-        log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
-        summary.update(status="training", plan=plan)
-        if not checkpoint.is_complete(layout.adapter):
-            code = launch.run_training(s, where)  # returns once every rank has finished
-            if code != errors.EXIT_OK:
-                summary.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code)
-                raise SystemExit(code)
-        summary.update(status="evaluating")
-        evaluate_stage(s)
-        summary.update(status="merging")
-        from job.merge import merge as merge_stage
+    with launch.stop_on_signals():
+        try:
+            plan = check(s, world_size=where.world_size)
+            plan["launch"] = where.describe()
+            log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
+            summary.update(status="training", plan=plan)
+            if not checkpoint.is_complete(layout.adapter):
+                code = launch.run_training(s, where)  # returns once every rank has finished
+                if code != errors.EXIT_OK:
+                    summary.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code)
+                    raise SystemExit(code)
+            summary.update(status="evaluating")
+            evaluate_stage(s)
+            summary.update(status="merging")
+            from job.merge import merge as merge_stage
 
-        merge_stage(s)
-        if s.hub_model_id:
-            summary.update(status="pushing")
-            from job.publish import push as push_stage
+            merge_stage(s)
+            if s.hub_model_id:
+                summary.update(status="pushing")
+                from job.publish import push as push_stage
 
-            push_stage(s)
-        summary.update(status="done", exit_code=0)
-    except errors.JobError as error:
-        summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
-                       exit_code=error.exit_code, error=str(error))
-        raise
+                push_stage(s)
+            summary.update(status="done", exit_code=0)
+        except errors.JobError as error:
+            summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
+                           exit_code=error.exit_code, error=str(error))
+            raise
 
 
 class Summary:

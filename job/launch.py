@@ -363,17 +363,22 @@ def run_training(s: Settings, where: Topology | None = None) -> int:
     return result
 
 
-def stop_on_signals() -> None:
+@contextlib.contextmanager
+def stop_on_signals():
     """Outside training (preflight, evaluation, merge, push) a stop signal ends `job run` at once with exit 75, the
-    code a scheduler requeues on, instead of the signal's default death (138 for SIGUSR1, which Slurm's --signal
-    sends before the time limit). Every stage writes into a staging directory and seals it, so the rerun redoes
-    only the stage that was cut. `run_training` puts its forwarding handlers in place while training runs."""
+    code a scheduler requeues on, instead of the signal's default death (SIGUSR1 is what Slurm's --signal sends
+    before the time limit). Every stage writes into a staging directory and seals it, so the rerun redoes only the
+    stage that was cut. `run_training` puts its forwarding handlers in place while training runs."""
     def preempt(signum, frame):
         raise errors.Preempted(f"stopped by {signal.Signals(signum).name} outside training; rerun to finish "
                                "(finished stages are kept)")
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, preempt)
+    previous = {sig: signal.signal(sig, preempt) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ignore_usr1():

@@ -739,7 +739,8 @@ class LongContext:
         counter = [0]
 
         def pack(t):
-            if (speed.in_backward() or isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.store.min_bytes
+            if (speed.in_backward() or isinstance(t, torch.nn.Parameter)
+                    or t.numel() * t.element_size() < self.store.min_bytes
                     or t.device != self.store.device and not self.store.simulate):
                 return t
             counter[0] += 1
