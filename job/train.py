@@ -194,7 +194,8 @@ def _device_map(s: Settings, state):
 
 
 def check_adapter(directory: Path) -> None:
-    """Fail loudly on an adapter saved without its weights (ZeRO-3 and FSDP can write empty tensors)."""
+    """Fail loudly on an adapter saved without its weights (ZeRO-3 and FSDP can write empty tensors or none) or
+    with nothing learned (every LoRA B still zero, as initialized: a gather or a load that put nothing back)."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("adapter_model*.safetensors"))
@@ -203,9 +204,14 @@ def check_adapter(directory: Path) -> None:
     with safe_open(str(files[0]), framework="pt") as weights:
         names = list(weights.keys())
         empty = [n for n in names if not weights.get_slice(n).get_shape() or 0 in weights.get_slice(n).get_shape()]
+        b_matrices = [n for n in names if "lora_B" in n and n not in empty]
+        learned = any(weights.get_tensor(n).count_nonzero() for n in b_matrices)
     if not names or empty:
         raise TrainingFailed(f"the saved adapter {files[0]} has {len(names)} tensors, {len(empty)} of them empty "
                              f"(e.g. {(empty or ['-'])[0]}): the strategy did not gather the weights before saving")
+    if b_matrices and not learned:
+        raise TrainingFailed(f"every LoRA B matrix in the saved adapter {files[0]} is zero, as initialized: the "
+                             "trained weights were not gathered (or not restored on resume) before saving")
 
 
 def _params(peft_model) -> str:

@@ -55,3 +55,28 @@ def test_default_job_end_to_end(tmp_path, hf_home):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "starting training" not in again.stderr
     assert read_summary(tmp_path)["steps"] == summary["steps"]
+
+
+def test_an_adapter_saved_without_its_weights_fails_the_run(trained_output, tmp_path):
+    """What ZeRO-3 and FSDP have written (no tensors, empty ones, LoRA B never gathered) is refused: exit 3."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from job.errors import TrainingFailed
+    from job.train import check_adapter
+
+    check_adapter(Layout(trained_output).adapter)
+    weights = load_file(str(Layout(trained_output).adapter / "adapter_model.safetensors"))
+    broken = {
+        "none": {},
+        "empty": {k: (v[:0] if "lora_A" in k else v) for k, v in weights.items()},
+        "B zero": {k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in weights.items()},
+    }
+    for name, tensors in broken.items():
+        directory = tmp_path / name.replace(" ", "-")
+        shutil.copytree(Layout(trained_output).adapter, directory)
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+        with pytest.raises(TrainingFailed):
+            check_adapter(directory)
