@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import shutil
 import statistics
@@ -21,6 +22,8 @@ from pathlib import Path
 from job.checkpoint import is_complete, read_json, seal, write_json
 from job.config import BUILTIN_DATASET, Settings
 from job.errors import ConfigError, DataError
+
+log = logging.getLogger("job.data")
 
 BUNDLED_DATASET = Path(__file__).parent / "assets" / "tasks.jsonl"
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -429,6 +432,11 @@ def load(s: Settings, tokenizer, model_type: str, cache_root: Path, state) -> Pr
                 "chat_template": prepared.chat_template, "end_of_turn_id": prepared.end_of_turn_id,
                 "samples": prepared.samples, "stats": prepared.stats})
             seal(staging, cached)
+            stats = prepared.stats  # once, where the data is tokenized: a mask that trains on all or nothing shows
+            log.info("data: %d training rows (%d truncated, %d skipped), %d evaluation rows; %.1f%% of the tokens "
+                     "are trained on (the answers); %s tokens a row at the median, %s at most", stats["train_rows"],
+                     stats["truncated_rows"], stats["skipped_bad_rows"], stats["eval_rows"],
+                     100 * stats["labelled_token_share"], stats["tokens_median"], stats["tokens_max"])
     meta = read_json(cached / "meta.json")
     evaluation = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").is_dir() else None
     return Prepared(datasets.load_from_disk(str(cached / "train")), evaluation, meta["chat_template"],

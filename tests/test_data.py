@@ -54,6 +54,16 @@ def test_korean_dolly_answers_are_the_only_trained_tokens(tmp_path, tiny_tokeniz
     assert 0 < prepared.stats["labelled_token_share"] < 1
 
 
+def test_tokenizing_logs_the_share_of_trained_tokens(tmp_path, tiny_tokenizer, caplog):
+    """A loss mask that trains on all or nothing is visible in the job's log, not only in summary.json."""
+    from accelerate import PartialState
+
+    s = make(tmp_path, [DOLLY_KO] * 10)
+    with caplog.at_level("INFO", logger="job.data"):
+        prepared = data.load(s, tiny_tokenizer, "llama", tmp_path / "cache", PartialState(cpu=True))
+    assert f"{100 * prepared.stats['labelled_token_share']:.1f}% of the tokens are trained on" in caplog.text
+
+
 def test_multi_turn_trains_every_assistant_turn(tmp_path, tiny_tokenizer):
     chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                          {"role": "assistant", "content": "A1"}, {"role": "user", "content": "again"},
