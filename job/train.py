@@ -256,7 +256,10 @@ class AtomicCheckpointTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             name = f"checkpoint-{self.state.global_step}"
-            final = checkpoint.seal(Path(self._get_output_dir(trial), name), Path(self.args.output_dir, name))
+            staged = Path(self._get_output_dir(trial), name)
+            if any(staged.glob("adapter_model*.safetensors")):  # (FSDP writes sharded state instead)
+                check_adapter(staged)  # an adapter saved empty fails at the first checkpoint, not after training
+            final = checkpoint.seal(staged, Path(self.args.output_dir, name))
             checkpoint.rotate(final.parent, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
