@@ -725,10 +725,12 @@ def register_attention() -> None:
 class LongContext:
     """The installed mode on one model: the offloader, the checkpoint function, the chunked modules."""
 
-    def __init__(self, hf_model, store: Offloader, cache: bool):
-        self.hf, self.store, self.cache = hf_model, store, cache
+    def __init__(self, hf_model, cache: bool, *, simulate: bool = False):
+        self.hf, self.cache = hf_model, cache
         self.own_kernels = True  # this module's attention kernels (off: job.speed's, and no cache)
         self.layers = _decoder_layers(hf_model)
+        # on the layers' device: the embedding table may live in CPU memory (job.speed)
+        self.store = Offloader(next(self.layers[0].parameters()).device, simulate=simulate)
 
     def checkpoint(self, index: int, function, *args, **kwargs):
         """Each layer's checkpoint: torch's non-reentrant checkpoint, its saved input offloaded."""
@@ -783,9 +785,8 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
     hf = _hf_model(model)
     if getattr(hf, "_longctx", None) is not None:
         return hf._longctx
-    layers = _decoder_layers(hf)
-    device = next(layers[0].parameters()).device  # the embedding table may live in CPU memory (job.speed)
-    mode = LongContext(hf, Offloader(device, simulate=simulate), cache)
+    mode = LongContext(hf, cache, simulate=simulate)
+    device = mode.store.device
     shape = speed.Shape.of(hf.config)
     skip = hf.config.model_type in speed.SKIP_MLP_FAMILIES
     mlp_tokens = mlp_tokens or mlp_chunk(shape)
@@ -833,11 +834,9 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
 def offload_checkpoints(model, tokens: int, *, simulate: bool = False) -> LongContext:
     """Only this mode's checkpointing on every decoder layer: inputs to pinned CPU memory asynchronously, back one
     layer ahead of the backward (job.speed's `offload` plan under a small memory cap uses it)."""
-    hf = _hf_model(model)
-    layers = _decoder_layers(hf)
-    mode = LongContext(hf, Offloader(next(layers[0].parameters()).device, simulate=simulate), cache=False)
-    mode.own_kernels = False
-    _checkpoint_through(mode, tokens, speed.Shape.of(hf.config), simulate)
+    mode = LongContext(_hf_model(model), cache=False, simulate=simulate)
+    mode.own_kernels = False  # job.speed's attention stays
+    _checkpoint_through(mode, tokens, speed.Shape.of(mode.hf.config), simulate)
     return mode
 
 
