@@ -1281,6 +1281,9 @@ def sft_arguments(levers: Levers) -> dict:
         "dataloader_num_workers": levers.dataloader_workers,
         "dataloader_pin_memory": levers.device != "cpu",
         "dataloader_persistent_workers": levers.dataloader_workers > 0,
+        # the filter reads every micro-step's loss back from the GPU (a stall), and it hides a NaN loss from the
+        # logs by logging the running mean instead, so the job's guard would never stop a run that diverged
+        "logging_nan_inf_filter": False,
     }
 
 

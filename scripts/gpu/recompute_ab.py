@@ -1,12 +1,15 @@
-"""Same-process A/B of the recomputation levers (issue 11), on the GPU machine, through job.bench's phases:
+"""Same-process A/B of speed levers (issue 11), on the GPU machine, through job.bench's phases:
 
     down      the down projection's matmul skipped in a recompute (job.speed.SKIP_MLP_FAMILIES) vs run again
     offload   checkpoints offloaded by job.longctx's asynchronous offloader vs transformers' save_on_cpu
     alloc     (with `alloc` as the second argument) the caching allocator's expandable segments on vs off, and
               the job uncapped with and without recomputing every layer
+    stalls    (with `stalls` as the second argument) job.train.JobTrainer and logging_nan_inf_filter off vs
+              TRL's SFTTrainer with the filter on (metrics read back after every forward, the loss after every
+              backward), uncapped, at 1 row x 4 micro-steps and under each cap
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|stalls] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -18,14 +21,19 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from job import bench, longctx, speed
+from job import bench, longctx, speed, train
 
 
 @contextlib.contextmanager
 def previous(lever: str):
     """The code path before the lever, for one phase."""
-    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments)
-    if lever == "down":
+    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer)
+    if lever == "stalls":
+        from trl import SFTTrainer
+
+        train.JobTrainer = SFTTrainer
+        speed.sft_arguments = lambda levers: {**saved[2](levers), "logging_nan_inf_filter": True}
+    elif lever == "down":
         speed.SKIP_MLP_FAMILIES = set()
     elif lever == "offload":
         def transformers_offload(levers):
@@ -40,7 +48,7 @@ def previous(lever: str):
     try:
         yield
     finally:
-        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments = saved
+        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer = saved
 
 
 @contextlib.contextmanager
@@ -59,10 +67,20 @@ def expandable(on: bool):
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
-    opts = bench.Options(warmup=3, steps=8)
-    # flex_attention compiles in the first phase that uses it: a stock phase first, untimed for the A/B
-    bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
+    opts = bench.Options(warmup=3, steps=6 if mode == "stalls" else 8)
+    if mode != "stalls":  # flex_attention compiles in the first phase that uses it: a stock phase first, untimed
+        bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
     phases = []
+    if mode == "stalls":
+        settings = [("job", 0.0, {}), ("job 1x4", 0.0, {"micro_batch_size": 1, "grad_accum": 4})]
+        settings += [(f"job@{cap:g}", cap, {}) for cap in caps]
+        for name, cap, overrides in settings:
+            for lever in (None, "stalls"):
+                with previous(lever) if lever else contextlib.nullcontext():
+                    result = bench.run_phase(bench.Phase(name + (" before stalls" if lever else ""), "job",
+                                                         overrides=overrides, cap_gib=cap), nf4_dir, rows, opts)
+                print(json.dumps(dataclasses.asdict(result)), flush=True)
+        return
     if mode == "alloc":
         phases += [(bench.Phase("job", "job"), False), (bench.Phase("job recompute all", "job", overrides={
             "gradient_checkpointing": "true"}), False), (bench.Phase("job recompute all expandable", "job", overrides={

@@ -1,0 +1,127 @@
+"""Where the host time of a micro-step goes (issue 11), on the GPU machine, through job.bench's phases.
+
+The capped plans are limited by ~0.47 s of host work per micro-step (docs/performance.md, "What limits the capped
+runs"). This profiles one optimizer step of the job's path with Python stacks, once at 4 rows a micro-step and once
+at 1 row x 4 micro-steps (host-bound), and prints: wall vs kernel time, CUDA runtime calls (launches, syncs), and
+the self time of every Python function and operator summed over all threads (autograd's backward thread too, which
+cProfile would miss). The Chrome traces go to $OUT (gzipped) for a closer look.
+
+Usage: python3 scripts/gpu/host_profile.py [OUT_DIR]
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from job import bench
+
+
+def self_times(trace: dict) -> dict:
+    """{(category, name): [calls, self microseconds, total microseconds]} from a Chrome trace: self is each
+    event's duration minus that of the events nested directly in it on the same thread."""
+    by_thread = collections.defaultdict(list)
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("python_function", "cpu_op", "cuda_runtime", "cuda_driver"):
+            by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    totals = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list = []  # [event, child time]
+        def close(entry):
+            event, child = entry
+            key = (event["cat"], event["name"])
+            totals[key][0] += 1
+            totals[key][1] += event["dur"] - child
+            totals[key][2] += event["dur"]
+            if stack:
+                stack[-1][1] += event["dur"]
+        for e in events:
+            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
+                close(stack.pop())
+            stack.append([e, 0.0])
+        while stack:
+            close(stack.pop())
+    return totals
+
+
+def report(name: str, trace: dict, wall_s: float) -> None:
+    totals = self_times(trace)
+    kernels = sum(e["dur"] for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "kernel")
+    print(f"\n=== {name}: wall {wall_s:.3f} s, kernels {kernels / 1e6:.3f} s (busy {kernels / 1e6 / wall_s:.0%})")
+    runtime = sorted(((k[1], v) for k, v in totals.items() if k[0] in ("cuda_runtime", "cuda_driver")),
+                     key=lambda kv: -kv[1][1])
+    print("CUDA runtime/driver calls (calls, self ms):")
+    for n, (calls, us, _) in runtime[:12]:
+        print(f"  {calls:7d} {us / 1e3:9.1f}  {n}")
+    for category in ("python_function", "cpu_op"):
+        rows = sorted(((k[1], v) for k, v in totals.items() if k[0] == category), key=lambda kv: -kv[1][1])
+        whole = sum(v[1] for _, v in rows)
+        print(f"{category}: {whole / 1e3:.1f} ms self time in all; top 45 (calls, self ms, name):")
+        for n, (calls, us, _) in rows[:45]:
+            print(f"  {calls:7d} {us / 1e3:9.1f}  {n[:150]}")
+    rows = sorted(((k[1], v) for k, v in totals.items() if k[0] == "python_function"), key=lambda kv: -kv[1][2])
+    print("python_function by total time (calls, total ms, name), top 60:")
+    for n, (calls, _, us) in rows[:60]:
+        print(f"  {calls:7d} {us / 1e3:9.1f}  {n[:150]}")
+
+
+def traced_profiler(out: Path, name: str):
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        """One optimizer step after warm-up, with Python stacks."""
+
+        def __init__(self):
+            self.prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA],
+                                                   with_stack=True)
+                self.prof.start()
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == 4:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.started
+                self.prof.stop()
+                path = out / f"{name}.json"
+                self.prof.export_chrome_trace(str(path))
+                trace = json.loads(path.read_text())
+                report(name, trace, wall)
+                with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                path.unlink()
+                self.prof = None
+
+    return Profile()
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
+    rows = bench.make_rows(3000, 128256, 2048)
+    opts = bench.Options(warmup=3, steps=4)
+    phases = [("job-4x1", {}), ("job-1x4", {"micro_batch_size": 1, "grad_accum": 4})]
+    for name, overrides in phases:
+        # plain timing first, then the same phase profiled (the profiler slows the host down)
+        result = bench.run_phase(bench.Phase(name, "job", overrides=overrides), nf4_dir, rows, opts)
+        print(f"{name}: {result.tokens_per_s:,.0f} tokens/s, {result.step_s:.3f} s/step", flush=True)
+        bench._profiler = lambda warmup, steps=2, n=name: traced_profiler(out, n)
+        bench.run_phase(bench.Phase(name, "job", overrides=overrides, profile=True), nf4_dir, rows,
+                        bench.Options(warmup=3, steps=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "/tmp/host-profile")))
