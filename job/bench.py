@@ -240,13 +240,19 @@ def _step_timer(warmup: int, counter: _TokenCount):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        """Marks where the timed steps start (after warm-up) and where they end, the GPU synchronized there only:
+        a sync after every step would keep the host from queueing the next step while the GPU finishes this one,
+        which training itself does not do."""
+
         def __init__(self):
-            self.marks = []  # (time, tokens so far) after each optimizer step
+            self.marks = []  # (optimizer step, time, tokens so far)
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step not in (warmup, state.max_steps) and not control.should_training_stop:
+                return
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), counter.snapshot()))
+            self.marks.append((state.global_step, time.perf_counter(), counter.snapshot()))
             if state.global_step == warmup:
                 log(f"  warm-up done ({warmup} steps)")
 
@@ -382,10 +388,10 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
             trainer.remove_callback(PrinterCallback)  # its log lines would mix into the report on stdout
             trainer.train()
         marks = timer.marks
-        if len(marks) <= opts.warmup:
+        if len(marks) < 2 or marks[0][0] != opts.warmup:
             raise RuntimeError("training stopped before the timed steps (too few rows?)")
-        (t0, n0), (t1, n1) = marks[opts.warmup - 1], marks[-1]
-        timed = len(marks) - opts.warmup
+        (s0, t0, n0), (s1, t1, n1) = marks[0], marks[-1]
+        timed = s1 - s0
         tokens = _TokenCount.between(n0, n1)
         seconds = t1 - t0
         result.ok, result.steps = True, timed

@@ -6,7 +6,9 @@ at 1 row x 4 micro-steps (host-bound), and prints: wall vs kernel time, CUDA run
 the self time of every Python function and operator summed over all threads (autograd's backward thread too, which
 cProfile would miss). The Chrome traces go to $OUT (gzipped) for a closer look.
 
-Usage: python3 scripts/gpu/host_profile.py [OUT_DIR]
+Usage: python3 scripts/gpu/host_profile.py OUT_DIR [PHASE,...] [kernels]
+    PHASE: 4x1 (default), 1x4, 16 (a 16 GiB cap); `kernels` records kernels only, so the host runs at full speed
+    and the idle gaps are the real ones
 """
 
 from __future__ import annotations
@@ -72,7 +74,31 @@ def report(name: str, trace: dict, wall_s: float) -> None:
         print(f"  {calls:7d} {us / 1e3:9.1f}  {n[:150]}")
 
 
-def traced_profiler(out: Path, name: str):
+def gaps(trace: dict, wall_s: float) -> None:
+    """Where the GPU waits, from a kernels-only trace: idle time in each 5% of the step, and the kernels that
+    follow the longest waits (what the host was late to launch)."""
+    kernels = sorted((e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "kernel"),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        return
+    start, end = kernels[0]["ts"], kernels[-1]["ts"] + kernels[-1]["dur"]
+    span = end - start
+    idle = [0.0] * 20
+    waits = collections.Counter()
+    last = start
+    for e in kernels:
+        if e["ts"] > last:
+            idle[min(19, int((last - start) / span * 20))] += e["ts"] - last
+            if e["ts"] - last > 30:
+                waits[e["name"][:80]] += e["ts"] - last
+        last = max(last, e["ts"] + e["dur"])
+    print(f"kernels span {span / 1e3:.1f} ms of {wall_s * 1e3:.1f} ms wall; GPU idle {sum(idle) / 1e3:.1f} ms inside it")
+    print("idle ms per 5% of the span: " + " ".join(f"{v / 1e3:.0f}" for v in idle))
+    for name, us in waits.most_common(12):
+        print(f"  {us / 1e3:7.1f} ms waited before {name}")
+
+
+def traced_profiler(out: Path, name: str, stacks: bool = True):
     import torch
     from transformers import TrainerCallback
 
@@ -85,9 +111,10 @@ def traced_profiler(out: Path, name: str):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 torch.cuda.synchronize()
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA],
-                                                   with_stack=True)
+                activities = [torch.profiler.ProfilerActivity.CUDA]
+                if stacks:
+                    activities.append(torch.profiler.ProfilerActivity.CPU)
+                self.prof = torch.profiler.profile(activities=activities, with_stack=stacks)
                 self.prof.start()
                 self.started = time.perf_counter()
 
@@ -99,7 +126,11 @@ def traced_profiler(out: Path, name: str):
                 path = out / f"{name}.json"
                 self.prof.export_chrome_trace(str(path))
                 trace = json.loads(path.read_text())
-                report(name, trace, wall)
+                if stacks:
+                    report(name, trace, wall)
+                else:
+                    print(f"\n=== {name} (kernels only: the host runs at full speed)")
+                gaps(trace, wall)
                 with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 path.unlink()
@@ -108,20 +139,25 @@ def traced_profiler(out: Path, name: str):
     return Profile()
 
 
-def main(out: Path) -> None:
+PHASES = {"4x1": ({}, 0.0), "1x4": ({"micro_batch_size": 1, "grad_accum": 4}, 0.0), "16": ({}, 16.0)}
+
+
+def main(out: Path, phases: list[str], stacks: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
     opts = bench.Options(warmup=3, steps=4)
-    phases = [("job-4x1", {}), ("job-1x4", {"micro_batch_size": 1, "grad_accum": 4})]
-    for name, overrides in phases:
-        # plain timing first, then the same phase profiled (the profiler slows the host down)
-        result = bench.run_phase(bench.Phase(name, "job", overrides=overrides), nf4_dir, rows, opts)
+    for key in phases:
+        overrides, cap = PHASES[key]
+        name = f"job-{key}" + ("" if stacks else "-kernels")
+        # plain timing first, then the same phase profiled
+        result = bench.run_phase(bench.Phase(name, "job", overrides=overrides, cap_gib=cap), nf4_dir, rows, opts)
         print(f"{name}: {result.tokens_per_s:,.0f} tokens/s, {result.step_s:.3f} s/step", flush=True)
-        bench._profiler = lambda warmup, steps=2, n=name: traced_profiler(out, n)
-        bench.run_phase(bench.Phase(name, "job", overrides=overrides, profile=True), nf4_dir, rows,
+        bench._profiler = lambda warmup, steps=2, n=name: traced_profiler(out, n, stacks)
+        bench.run_phase(bench.Phase(name, "job", overrides=overrides, cap_gib=cap, profile=True), nf4_dir, rows,
                         bench.Options(warmup=3, steps=1))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "/tmp/host-profile")))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "/tmp/host-profile")),
+         (sys.argv[2] if len(sys.argv) > 2 else "4x1,1x4").split(","), "kernels" not in sys.argv[3:])

@@ -4,12 +4,16 @@
     offload   checkpoints offloaded by job.longctx's asynchronous offloader vs transformers' save_on_cpu
     alloc     (with `alloc` as the second argument) the caching allocator's expandable segments on vs off, and
               the job uncapped with and without recomputing every layer
-    stalls    (with `stalls` as the second argument) job.train.JobTrainer and logging_nan_inf_filter off vs
-              TRL's SFTTrainer with the filter on (metrics read back after every forward, the loss after every
-              backward), uncapped, at 1 row x 4 micro-steps and under each cap
+    host      (with `host` as the second argument) the host-side changes of run 8 against the code before them,
+              uncapped and under each cap: all of them, and each on its own turned back:
+        stalls    job.train.JobTrainer and logging_nan_inf_filter off vs TRL's SFTTrainer with the filter on
+                  (metrics read back after every forward, the loss after every backward)
+        mask      no mask built for padding-free batches (speed.NO_MASK) vs transformers' mask builder, which
+                  reads the position ids back from the GPU
+        autocast  the fused LoRA layer's autocast context entered only when it changes a dtype vs always
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|stalls] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -24,16 +28,27 @@ from types import SimpleNamespace
 from job import bench, longctx, speed, train
 
 
+HOST_LEVERS = ("stalls", "mask", "autocast")
+
+
 @contextlib.contextmanager
 def previous(lever: str):
-    """The code path before the lever, for one phase."""
-    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer)
-    if lever == "stalls":
+    """The code path before the lever (or before each of "+"-joined levers), for one phase."""
+    import torch
+
+    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer,
+             set(speed.MASK_FREE_ATTENTION), speed._autocast_off)
+    levers = lever.split("+")
+    if "stalls" in levers:
         from trl import SFTTrainer
 
         train.JobTrainer = SFTTrainer
         speed.sft_arguments = lambda levers: {**saved[2](levers), "logging_nan_inf_filter": True}
-    elif lever == "down":
+    if "mask" in levers:
+        speed.MASK_FREE_ATTENTION.clear()
+    if "autocast" in levers:
+        speed._autocast_off = lambda device_type, dtype: torch.autocast(device_type, enabled=False)
+    if lever == "down":
         speed.SKIP_MLP_FAMILIES = set()
     elif lever == "offload":
         def transformers_offload(levers):
@@ -48,7 +63,9 @@ def previous(lever: str):
     try:
         yield
     finally:
-        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer = saved
+        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer = saved[:4]
+        speed.MASK_FREE_ATTENTION.update(saved[4])
+        speed._autocast_off = saved[5]
 
 
 @contextlib.contextmanager
@@ -67,18 +84,20 @@ def expandable(on: bool):
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
-    opts = bench.Options(warmup=3, steps=6 if mode == "stalls" else 8)
-    if mode != "stalls":  # flex_attention compiles in the first phase that uses it: a stock phase first, untimed
+    opts = bench.Options(warmup=3, steps=6 if mode == "host" else 8)
+    if mode != "host":  # flex_attention compiles in the first phase that uses it: a stock phase first, untimed
         bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
     phases = []
-    if mode == "stalls":
-        settings = [("job", 0.0, {}), ("job 1x4", 0.0, {"micro_batch_size": 1, "grad_accum": 4})]
-        settings += [(f"job@{cap:g}", cap, {}) for cap in caps]
-        for name, cap, overrides in settings:
-            for lever in (None, "stalls"):
+    if mode == "host":
+        everything = "+".join(HOST_LEVERS)
+        # the process's first phase pays one-time costs: an untimed one first; then before/after alternate
+        bench.run_phase(bench.Phase("warm", "job", cap_gib=caps[0]), nf4_dir, rows, bench.Options(warmup=2, steps=1))
+        for cap in (0.0, *caps):
+            name = f"job@{cap:g}" if cap else "job"
+            for lever in (None, everything) + ((HOST_LEVERS[1],) if cap == caps[0] else ()):
                 with previous(lever) if lever else contextlib.nullcontext():
-                    result = bench.run_phase(bench.Phase(name + (" before stalls" if lever else ""), "job",
-                                                         overrides=overrides, cap_gib=cap), nf4_dir, rows, opts)
+                    result = bench.run_phase(bench.Phase(name + (f" before {lever}" if lever else ""), "job",
+                                                         cap_gib=cap), nf4_dir, rows, opts)
                 print(json.dumps(dataclasses.asdict(result)), flush=True)
         return
     if mode == "alloc":
