@@ -27,7 +27,6 @@ attention_mask is passed and no KV cache is built; the guard makes that hold for
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -535,19 +534,6 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, varlen_mask)
 
 
-# Attention implementations that find the samples of a packed row themselves (from cu_seq_lens or the position
-# ids) and need no mask; job.longctx adds its own.
-MASK_FREE_ATTENTION = {VARLEN}
-# What the packing guard passes as the mask of a padding-free packed batch to those implementations: transformers
-# returns a 4D mask as it is, where building one would first read the position ids back from the GPU
-# (masking_utils.find_packed_sequence_indices), a stall at every forward. The attention treats it as no mask.
-NO_MASK = torch.empty((0, 0, 0, 0), dtype=torch.bool)
-
-
-def real_mask(attention_mask):
-    return None if attention_mask is NO_MASK else attention_mask
-
-
 def varlen_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
     """No mask at all when the attention can take the sample boundaries from the position ids; else sdpa's."""
     from transformers.masking_utils import sdpa_mask
@@ -675,7 +661,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
-    attention_mask = real_mask(attention_mask)
     if attention_mask is not None or key.shape[2] != length or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -716,11 +701,8 @@ def _packing_guard(module, args, kwargs):
     if position_ids is None or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return None
     mask = kwargs.get("attention_mask")
-    if mask is None and kwargs.get("use_cache") is False:  # TRL's padding-free batches: no check, no GPU sync
-        if module.config._attn_implementation in MASK_FREE_ATTENTION:
-            kwargs["attention_mask"] = NO_MASK
-            return args, kwargs
-        return None  # already what transformers needs
+    if mask is None and kwargs.get("use_cache") is False:
+        return None  # already what transformers needs (TRL's padding-free batches): no check, no GPU sync
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         return None  # a prepared 4D mask or BlockMask is the caller's own
     reference = kwargs.get("input_ids")
@@ -857,14 +839,6 @@ def _use_triton(x: torch.Tensor, p: float) -> bool:
             and x.shape[-1] % 8 == 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
-def _autocast_off(device_type: str, dtype: torch.dtype):
-    """Autocast off inside the fused layer, entered only where it would change a dtype: the context costs more
-    host time than some of the layer's launches, and a recomputed layer's forward is host-bound on an H100."""
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != dtype:
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _block_r(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
@@ -923,12 +897,11 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scale, p, output_unused=False):
         seed = mask = None
-        with _autocast_off(x.device.type, x.dtype):
+        with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             if not x2.is_contiguous():
                 x2 = x2.contiguous()
-            a = lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)
-            b = lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)
+            a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
             if output_unused:  # a recompute needs only what this saves: no dequantization, no matmul
                 y = x2.new_empty(x2.shape[0], base.out_features)
             else:
@@ -954,11 +927,9 @@ class _LoraLinear(torch.autograd.Function):
         x2, mask, h, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         p, seed = ctx.p, ctx.seed
-        with _autocast_off(grad.device.type, x2.dtype):
-            g = grad.reshape(-1, grad.shape[-1])
-            g = g if g.dtype == x2.dtype else g.to(x2.dtype)
-            a = lora_a if lora_a.dtype == g.dtype else lora_a.to(g.dtype)
-            b = lora_b if lora_b.dtype == g.dtype else lora_b.to(g.dtype)
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+            a, b = lora_a.to(g.dtype), lora_b.to(g.dtype)
             grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(lora_b.dtype) if need_b else None
             gh = torch.mm(g, b).mul_(ctx.scale)                      # d loss / d (dropout(x) A^T)
             grad_a = grad_x = None
@@ -1313,9 +1284,6 @@ def sft_arguments(levers: Levers) -> dict:
         "dataloader_num_workers": levers.dataloader_workers,
         "dataloader_pin_memory": levers.device != "cpu",
         "dataloader_persistent_workers": levers.dataloader_workers > 0,
-        # the filter reads every micro-step's loss back from the GPU (a stall), and it hides a NaN loss from the
-        # logs by logging the running mean instead, so the job's guard would never stop a run that diverged
-        "logging_nan_inf_filter": False,
     }
 
 

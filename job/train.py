@@ -84,7 +84,7 @@ def train(s: Settings) -> dict:
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard.failed:
-        raise TrainingFailed(f"training loss became {guard.failed} at step {trainer.state.global_step}; "
+        raise TrainingFailed(f"training {guard.failed} at step {trainer.state.global_step}; "
                              "lower LEARNING_RATE. Checkpoints up to the last good step are kept")
     if guard.stop_requested:
         raise Preempted(f"stopped by a signal at step {trainer.state.global_step}; checkpoint written")
@@ -119,7 +119,7 @@ def train(s: Settings) -> dict:
 
 
 def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenizer, train_dataset, eval_dataset=None,
-                  *, device_map, trainer_class=None, callbacks=(), stats: dict | None = None,
+                  *, device_map, trainer_class=SFTTrainer, callbacks=(), stats: dict | None = None,
                   **sft_arguments) -> tuple[SFTTrainer, dict]:
     """The job's model and trainer, and what was installed on them: 4-bit base, speed levers, LoRA, the
     long-context mode when on.
@@ -142,7 +142,7 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
     base = model.load_model(s, path, device_map=speed.device_map(levers, config, device_map, s.trust_remote_code),
                             attn_implementation=levers.attn_implementation)
     speed.prepare_base(base, levers)
-    trainer = (trainer_class or JobTrainer)(model=base, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+    trainer = trainer_class(model=base, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                             processing_class=tokenizer, peft_config=model.lora_config(s, base),
                             callbacks=list(callbacks))
     installed = speed.prepare_adapted(trainer.model, levers)
@@ -242,68 +242,8 @@ def plot_loss(history: list[dict], path) -> None:
     tmp.replace(path)
 
 
-class JobTrainer(SFTTrainer):
-    """SFTTrainer without its per-micro-step host stalls.
-
-    TRL reads its metrics (entropy, token accuracy, tokens seen) back from the GPU after every forward, and
-    transformers recounts every parameter for its FLOP estimate each micro-step: the first makes the host wait for
-    the GPU, which then starves while the host issues the backward alone; the second is ~10 ms of host time on an
-    8B model. Here the metrics stay on the GPU until a log step and the parameters are counted once
-    (docs/performance.md, run 8). Any loss TRL computes differently (a custom loss, label smoothing, DFT, MoE,
-    sequence parallelism) goes through TRL's own compute_loss.
-    """
-
-    def _plain_loss(self) -> bool:
-        parallel = getattr(self.accelerator, "parallelism_config", None)
-        return (self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
-                and not self.aux_loss_enabled and not (parallel is not None and parallel.sp_enabled))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not self._plain_loss():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
-        inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        # TRL's loss (sft_trainer.compute_loss): summed over the label tokens, divided by those of the whole step
-        count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        if "attention_mask" in inputs:
-            tokens = inputs["attention_mask"].sum()
-        else:
-            tokens = torch.tensor(inputs["position_ids"].size(1), device=outputs.log_probs.device)
-        local = torch.stack([outputs.entropy.detach().sum().float(), outputs.is_top1.sum().float(),
-                             outputs.label_mask.sum().float(), tokens.float()])
-        pending = self.__dict__.setdefault("_job_pending_metrics", {}).setdefault(mode, [])
-        pending.append(self.accelerator.gather(local[None]).sum(0))  # all ranks, still on the GPU
-        return loss
-
-    def log(self, logs, start_time=None):
-        mode = "train" if self.model.training else "eval"
-        pending = self.__dict__.get("_job_pending_metrics", {}).pop(mode, None)
-        if pending:
-            entropy, correct, valid, tokens = torch.stack(pending).double().cpu().unbind(1)  # one sync a log step
-            shares = [(e / v if v > 0 else 0.0, c / v if v > 0 else 0.0)
-                      for e, c, v in zip(entropy.tolist(), correct.tolist(), valid.tolist())]
-            self._metrics[mode]["entropy"].extend(e for e, _ in shares)
-            self._metrics[mode]["mean_token_accuracy"].extend(c for _, c in shares)
-            if mode == "train":
-                self._total_train_tokens += int(tokens.sum()) // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return super().log(logs, start_time)
-
-    def floating_point_ops(self, inputs):
-        name = getattr(self.model, "main_input_name", "input_ids")
-        if name not in inputs or not hasattr(self.model, "num_parameters"):
-            return 0
-        if "_job_flop_params" not in self.__dict__:  # the count never changes during training
-            self._job_flop_params = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[name].numel() * self._job_flop_params
-
-
-class AtomicCheckpointTrainer(JobTrainer):
-    """The job's trainer, with checkpoints that appear complete or not at all (see job.checkpoint)."""
+class AtomicCheckpointTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints appear complete or not at all (see job.checkpoint)."""
 
     keep_checkpoints = 2
 
@@ -325,7 +265,7 @@ class AtomicCheckpointTrainer(JobTrainer):
 
 
 class GuardCallback(TrainerCallback):
-    """Stops training cleanly on a preemption signal (checkpoint, then exit 75) or a non-finite loss.
+    """Stops training cleanly on a preemption signal (checkpoint, then exit 75) or a non-finite loss or gradient.
 
     Every rank traps the signal; the flag is agreed across ranks each step so all of them save
     the same checkpoint and stop together.
@@ -352,10 +292,13 @@ class GuardCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.failed = loss
-            control.should_training_stop = True
+        # the gradient norm too: transformers logs the running mean in place of a NaN loss
+        # (logging_nan_inf_filter, on by default), so a run whose weights went NaN kept logging a finite loss
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                self.failed = f"{key} {value}"
+                control.should_training_stop = True
         return control
 
 

@@ -115,27 +115,6 @@ def test_use_cache_in_eval_mode_does_not_join_samples(settings, tiny_model, samp
     assert (with_mask - expected).abs().max() < tolerance(lm)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_a_padding_free_batch_under_varlen_builds_no_mask(settings, tiny_model, samples, mode, monkeypatch):
-    """TRL's padding-free batches (no mask, no cache) go to the varlen kernel without transformers building a
-    mask: building one reads the position ids back from the GPU (a stall every forward). The kernel still keeps
-    the samples apart."""
-    import transformers.masking_utils as masking_utils
-
-    lm = load(settings, tiny_model, attn=speed.VARLEN)
-    getattr(lm, mode)()
-    ids, positions = packed(samples)
-    expected = alone(lm, samples)
-
-    def no_mask_building(*args, **kwargs):
-        raise AssertionError("a mask was built for a padding-free batch")
-
-    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_mask_building)
-    with torch.no_grad():
-        logits = lm(input_ids=ids, position_ids=positions, use_cache=False).logits
-    assert (logits - expected).abs().max() < tolerance(lm)
-
-
 def test_padding_inside_a_packed_row(settings, tiny_model, samples):
     """Right padding after packed samples (a mask with zeros): each sample still sees only itself."""
     lm = load(settings, tiny_model)

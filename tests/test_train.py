@@ -99,45 +99,9 @@ def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=(), **sft):
     return trainer
 
 
-def test_the_jobs_loss_and_metrics_are_trls_without_a_sync_per_micro_step(tiny_model, tiny_tokenizer, tmp_path):
-    """JobTrainer keeps TRL's metrics on the device until a log step (TRL reads them back after every forward);
-    the loss, its gradient and every logged metric are TRL's own."""
-    import torch
-    from trl import SFTTrainer
-
-    from job.train import JobTrainer
-
-    trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, max_steps=1)
-    assert isinstance(trainer, JobTrainer) and trainer.args.logging_nan_inf_filter is False
-    model = trainer.model
-    batches = [trainer._prepare_inputs(b) for b, _ in zip(trainer.get_train_dataloader(), range(3))]
-
-    def run(compute_loss, log):
-        trainer._total_train_tokens = 0
-        losses, grads = [], []
-        for batch in batches:
-            torch.manual_seed(0)  # the same LoRA dropout masks on both paths
-            model.zero_grad()
-            loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=None)
-            loss.backward()
-            losses.append(loss.detach())
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        log(trainer, {"loss": 0.0})
-        return torch.stack(losses), torch.stack(grads), trainer.state.log_history[-1]
-
-    trl_loss, trl_grads, trl_logged = run(SFTTrainer.compute_loss, SFTTrainer.log)
-    job_loss, job_grads, job_logged = run(JobTrainer.compute_loss, JobTrainer.log)
-    torch.testing.assert_close(job_loss, trl_loss)
-    torch.testing.assert_close(job_grads, trl_grads)
-    assert set(job_logged) == set(trl_logged) >= {"entropy", "mean_token_accuracy", "num_tokens"}
-    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
-        assert job_logged[key] == pytest.approx(trl_logged[key], rel=1e-5), key
-    assert job_logged["num_tokens"] > 0
-
-
-def test_a_diverged_loss_stops_the_run_instead_of_being_averaged_away(tiny_model, tiny_tokenizer, tmp_path):
+def test_a_diverged_run_stops_though_its_logged_loss_stays_finite(tiny_model, tiny_tokenizer, tmp_path):
     """transformers' logging_nan_inf_filter (on by default) logs the running mean in place of a NaN loss, so a run
-    whose weights went NaN logged finite losses forever; the job turns it off and its guard stops the run."""
+    whose weights went NaN logged finite losses forever; the guard also reads the gradient norm and stops it."""
     import torch
     from transformers import TrainerCallback
 
@@ -153,5 +117,7 @@ def test_a_diverged_loss_stops_the_run_instead_of_being_averaged_away(tiny_model
     trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=[guard, Poison()], max_steps=6,
                             logging_steps=1)
     trainer.train()
-    assert guard.failed is not None and math.isnan(guard.failed)
+    logged = trainer.state.log_history
+    assert all(math.isfinite(h["loss"]) for h in logged if "loss" in h)  # the filter hid the NaN loss
+    assert guard.failed == "grad_norm nan"
     assert trainer.state.global_step == 3  # stopped at the first NaN step's log, not after all 6

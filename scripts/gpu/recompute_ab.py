@@ -1,19 +1,12 @@
-"""Same-process A/B of speed levers (issue 11), on the GPU machine, through job.bench's phases:
+"""Same-process A/B of the recomputation levers (issue 11), on the GPU machine, through job.bench's phases:
 
     down      the down projection's matmul skipped in a recompute (job.speed.SKIP_MLP_FAMILIES) vs run again
     offload   checkpoints offloaded by job.longctx's asynchronous offloader vs transformers' save_on_cpu
     alloc     (with `alloc` as the second argument) the caching allocator's expandable segments on vs off, and
               the job uncapped with and without recomputing every layer
-    host      (with `host` as the second argument) the host-side changes of run 8 against the code before them,
-              uncapped and under each cap: all of them, and each on its own turned back:
-        stalls    job.train.JobTrainer and logging_nan_inf_filter off vs TRL's SFTTrainer with the filter on
-                  (metrics read back after every forward, the loss after every backward)
-        mask      no mask built for padding-free batches (speed.NO_MASK) vs transformers' mask builder, which
-                  reads the position ids back from the GPU
-        autocast  the fused LoRA layer's autocast context entered only when it changes a dtype vs always
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -25,29 +18,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from job import bench, longctx, speed, train
-
-
-HOST_LEVERS = ("stalls", "mask", "autocast")
+from job import bench, longctx, speed
 
 
 @contextlib.contextmanager
 def previous(lever: str):
-    """The code path before the lever (or before each of "+"-joined levers), for one phase."""
-    import torch
-
-    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer,
-             set(speed.MASK_FREE_ATTENTION), speed._autocast_off)
-    levers = lever.split("+")
-    if "stalls" in levers:
-        from trl import SFTTrainer
-
-        train.JobTrainer = SFTTrainer
-        speed.sft_arguments = lambda levers: {**saved[2](levers), "logging_nan_inf_filter": True}
-    if "mask" in levers:
-        speed.MASK_FREE_ATTENTION.clear()
-    if "autocast" in levers:
-        speed._autocast_off = lambda device_type, dtype: torch.autocast(device_type, enabled=False)
+    """The code path before the lever, for one phase."""
+    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments)
     if lever == "down":
         speed.SKIP_MLP_FAMILIES = set()
     elif lever == "offload":
@@ -63,9 +40,7 @@ def previous(lever: str):
     try:
         yield
     finally:
-        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, train.JobTrainer = saved[:4]
-        speed.MASK_FREE_ATTENTION.update(saved[4])
-        speed._autocast_off = saved[5]
+        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments = saved
 
 
 @contextlib.contextmanager
@@ -84,22 +59,10 @@ def expandable(on: bool):
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
-    opts = bench.Options(warmup=3, steps=6 if mode == "host" else 8)
-    if mode != "host":  # flex_attention compiles in the first phase that uses it: a stock phase first, untimed
-        bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
+    opts = bench.Options(warmup=3, steps=8)
+    # flex_attention compiles in the first phase that uses it: a stock phase first, untimed for the A/B
+    bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
     phases = []
-    if mode == "host":
-        everything = "+".join(HOST_LEVERS)
-        # the process's first phase pays one-time costs: an untimed one first; then before/after alternate
-        bench.run_phase(bench.Phase("warm", "job", cap_gib=caps[0]), nf4_dir, rows, bench.Options(warmup=2, steps=1))
-        for cap in (0.0, *caps):
-            name = f"job@{cap:g}" if cap else "job"
-            for lever in (None, everything) + ((HOST_LEVERS[1],) if cap == caps[0] else ()):
-                with previous(lever) if lever else contextlib.nullcontext():
-                    result = bench.run_phase(bench.Phase(name + (f" before {lever}" if lever else ""), "job",
-                                                         cap_gib=cap), nf4_dir, rows, opts)
-                print(json.dumps(dataclasses.asdict(result)), flush=True)
-        return
     if mode == "alloc":
         phases += [(bench.Phase("job", "job"), False), (bench.Phase("job recompute all", "job", overrides={
             "gradient_checkpointing": "true"}), False), (bench.Phase("job recompute all expandable", "job", overrides={
