@@ -469,13 +469,15 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
                  "offload_head"):
         setattr(lv, name, getattr(plan, name))
 
-    # the weight cache: measured, it did not pay; forced on, it takes memory only when nothing else wants it
+    # the 16-bit weight cache: two dequantizations per layer and step fewer, on the host and on the GPU (+6% on an
+    # H100, docs/performance.md run 9), for a copy of every adapted weight (13 GiB for 8B): auto takes it only
+    # where nothing is recomputed and the copy still fits, since memory given to activations pays more
     cache_ok = s.quantization == "nf4" and lv.lora_kernel
     if s.dequant_cache == "true" and not cache_ok:
         raise ConfigError("DEQUANT_CACHE=true needs QUANTIZATION=nf4 and the fused LoRA kernel (LORA_KERNEL)")
-    # auto leaves it off: measured on an H100 it did not pay (docs/performance.md); the dequantization it saves
-    # is a few per cent of a step and the 16-bit copy costs 13 GiB that activations can use
-    lv.dequant_cache = cache_ok and s.dequant_cache == "true"
+    cached = dataclasses.replace(lv, dequant_cache=True)
+    lv.dequant_cache = cache_ok and (s.dequant_cache == "true" or s.dequant_cache == "auto" and (
+        lv.checkpointing == "none" and not lv.offload_embeddings and fits(cached, tokens)))
     lv.estimated_peak_gib = round(estimate_gib(shape, s, lv, tokens), 1)
 
     where = f"{device.budget_gib:.1f} GiB {'cap' if device.capped else 'free'}"
@@ -493,9 +495,12 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     why["micro_batch_size"] = (f"{lv.micro_batch_size} rows x {lv.grad_accum} accumulation steps = the configured "
                                f"{rows} rows per optimizer step" + (" (split to fit)" if lv.micro_batch_size <
                                                                     s.micro_batch_size else ""))
+    copy = f"{shape.linear_params * 2 / GiB:.1f} GiB"
     why["dequant_cache"] = ("forced by DEQUANT_CACHE" if s.dequant_cache != "auto" else
-                            "off: dequantizing per pass costs a few per cent of a step, the 16-bit copy "
-                            f"{shape.linear_params * 2 / GiB:.1f} GiB (measured: no gain)")
+                            f"a 16-bit copy of the 4-bit weights ({copy}) fits beside the plan: no dequantizing "
+                            "per pass" if lv.dequant_cache else
+                            "off: needs the fused LoRA kernel and 4-bit weights" if not cache_ok else
+                            f"off: the 16-bit copy ({copy}) would not fit without recomputing layers")
     table = shape.embedding_params * 2 / GiB
     why["offload_embeddings"] = ("forced by OFFLOAD_EMBEDDINGS" if s.offload_embeddings != "auto" else
                                  f"the input embedding and the output layer ({2 * table:.1f} GiB) move to CPU memory "

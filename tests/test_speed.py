@@ -67,13 +67,19 @@ def test_a_whole_h100_trains_without_recomputation(llama3):
     assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel
     assert levers.checkpointing == "none" and levers.micro_batch_size == 4
     assert not levers.offload_embeddings
+    assert levers.dequant_cache  # 13 GiB of 16-bit weights fit beside the activations: no dequantizing per pass
     assert levers.estimated_peak_gib <= speed.usable_gib(79.0)
+    # on a 48 GiB card the same plan fits only without the copy; memory for activations comes first
+    smaller = speed.choose(settings(), llama3, h100(48.0), GPU_CAPS)
+    assert smaller.checkpointing == "none" and not smaller.dequant_cache
+    assert "would not fit" in smaller.reasons["dequant_cache"]
 
 
 @pytest.mark.parametrize("cap", [24.0, 16.0, 8.0])
 def test_every_cap_gets_a_plan_that_fits(llama3, cap):
     levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
     assert levers.estimated_peak_gib <= speed.usable_gib(cap)
+    assert not levers.dequant_cache  # layers are recomputed: activations get the memory
     assert levers.micro_batch_size * levers.grad_accum == 4  # the optimizer step stays the configured one
     assert "memory" not in levers.reasons  # no "nothing fits" warning
 
