@@ -142,6 +142,7 @@ def test_memory_estimates_match_the_h100_measurements(llama3):
                                     offload_head=True)
     measured = [
         (fused, settings(lora_dropout=0.0), 8179, 44.9),
+        (dataclasses.replace(fused, dequant_cache=True), s, 8179, 56.5),
         (dataclasses.replace(fused, lora_kernel=False, dropout_in_kernel=False), s, 8185, 61.9),
         (dataclasses.replace(fused, dropout_in_kernel=False, checkpointing="full", checkpoint_layers=32), s, 8185, 10.2),
         (dataclasses.replace(fused, checkpointing="partial", checkpoint_layers=22), s, 8179, 21.6),
