@@ -162,6 +162,16 @@ def test_tokenizer_template_without_special_end_is_refused(tmp_path, tiny_tokeni
         data.prepare(make(tmp_path, [DOLLY_KO] * 2, EVAL_FRACTION="0"), tiny_tokenizer, "llama")
 
 
+def test_a_template_that_trains_on_every_token_is_refused(tmp_path, tiny_tokenizer):
+    """A chat template that renders no prompt at all (only the answers) would train on 100% of the tokens: refused
+    (a DataError: exit 2) naming the settings, before any GPU time."""
+    tiny_tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    tiny_tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                                    "{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
+    with pytest.raises(DataError, match="every token is labelled.*PROMPT_FORMAT"):
+        data.prepare(make(tmp_path, [DOLLY_KO] * 2, EVAL_FRACTION="0"), tiny_tokenizer, "llama")
+
+
 _texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="<>\x00"),
                  min_size=1, max_size=40).filter(str.strip)
 
