@@ -83,29 +83,18 @@ def test_an_adapter_saved_without_its_weights_fails_the_run(trained_output, tmp_
             check_adapter(directory)
 
 
-def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=(), **sft):
-    from transformers import AutoConfig
-
-    from job import bench, speed
-    from job import config as job_config
-    from job.train import build_trainer
-
-    s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256}, environ={})
-    cfg = AutoConfig.from_pretrained(tiny_model)
-    rows = bench.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
-    trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, bench.dataset(rows),
-                               device_map=None, callbacks=callbacks, output_dir=str(tmp_path), report_to="none",
-                               save_strategy="no", eval_strategy="no", disable_tqdm=True, **sft)
-    return trainer
-
 
 def test_a_diverged_run_stops_though_its_logged_loss_stays_finite(tiny_model, tiny_tokenizer, tmp_path):
     """transformers' logging_nan_inf_filter (on by default) logs the running mean in place of a NaN loss, so a run
     whose weights went NaN logged finite losses forever; the guard also reads the gradient norm and stops it."""
-    import torch
-    from transformers import TrainerCallback
+    import signal
 
-    from job.train import GuardCallback
+    import torch
+    from transformers import AutoConfig, TrainerCallback
+
+    from job import bench, speed
+    from job import config as job_config
+    from job.train import STOP_SIGNALS, GuardCallback, build_trainer
 
     class Poison(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -113,10 +102,20 @@ def test_a_diverged_run_stops_though_its_logged_loss_stays_finite(tiny_model, ti
                 with torch.no_grad():
                     next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
-    guard = GuardCallback()
-    trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=[guard, Poison()], max_steps=6,
-                            logging_steps=1)
-    trainer.train()
+    s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256}, environ={})
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    rows = bench.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # the guard traps them; pytest's come back
+    try:
+        guard = GuardCallback()
+        trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, bench.dataset(rows),
+                                   device_map=None, callbacks=[guard, Poison()], output_dir=str(tmp_path),
+                                   report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+                                   max_steps=6, logging_steps=1)
+        trainer.train()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     logged = trainer.state.log_history
     assert all(math.isfinite(h["loss"]) for h in logged if "loss" in h)  # the filter hid the NaN loss
     assert guard.failed == "grad_norm nan"
