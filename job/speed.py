@@ -477,7 +477,7 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         raise ConfigError("DEQUANT_CACHE=true needs QUANTIZATION=nf4 and the fused LoRA kernel (LORA_KERNEL)")
     cached = dataclasses.replace(lv, dequant_cache=True)
     lv.dequant_cache = cache_ok and (s.dequant_cache == "true" or s.dequant_cache == "auto" and (
-        lv.checkpointing == "none" and not lv.offload_embeddings and fits(cached, tokens)))
+        lv.checkpointing == "none" and fits(cached, tokens)))
     lv.estimated_peak_gib = round(estimate_gib(shape, s, lv, tokens), 1)
 
     where = f"{device.budget_gib:.1f} GiB {'cap' if device.capped else 'free'}"
