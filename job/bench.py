@@ -122,6 +122,7 @@ class Result:
     levers: dict | None = None
     installed: dict | None = None    # what the job's path installed (fused layers, long-context mode)
     rows_per_step: int = 0           # packed rows per optimizer step (batch x accumulation)
+    gc_s_per_step: float = 0.0       # host time in Python's garbage collector per timed step
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -182,6 +183,7 @@ def build_model(arch: str, root: Path) -> tuple[Path, Path]:
         _save_tokenizer(nf4_dir)
         del lm
         torch.cuda.empty_cache()
+    os.sync()  # the ~22 GB just written is flushed now, not by the kernel's writeback while phases are timed
     return bf16_dir, nf4_dir
 
 
@@ -245,14 +247,22 @@ def _step_timer(warmup: int, counter: _TokenCount):
         which training itself does not do."""
 
         def __init__(self):
-            self.marks = []  # (optimizer step, time, tokens so far)
+            self.marks = []  # (optimizer step, time, tokens so far, seconds in Python's garbage collector so far)
+            self.gc_seconds, self._gc_started = 0.0, 0.0
+
+        def collecting(self, phase, info):  # a gc.callbacks entry
+            # a collection stalls the host and so the GPU's queue: long ones would hide behind a tokens/s figure
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            else:
+                self.gc_seconds += time.perf_counter() - self._gc_started
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step not in (warmup, state.max_steps) and not control.should_training_stop:
                 return
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.marks.append((state.global_step, time.perf_counter(), counter.snapshot()))
+            self.marks.append((state.global_step, time.perf_counter(), counter.snapshot(), self.gc_seconds))
             if state.global_step == warmup:
                 log(f"  warm-up done ({warmup} steps)")
 
@@ -347,6 +357,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
     cfg = AutoConfig.from_pretrained(nf4_dir)
     tokenizer = AutoTokenizer.from_pretrained(nf4_dir)
     started = time.time()
+    gc.callbacks.append(timer.collecting)
     try:
         with _isolated_patches(), tempfile.TemporaryDirectory() as scratch:
             common = _sft_common(Path(scratch), steps)
@@ -390,8 +401,9 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
         marks = timer.marks
         if len(marks) < 2 or marks[0][0] != opts.warmup:
             raise RuntimeError("training stopped before the timed steps (too few rows?)")
-        (s0, t0, n0), (s1, t1, n1) = marks[0], marks[-1]
+        (s0, t0, n0, gc0), (s1, t1, n1, gc1) = marks[0], marks[-1]
         timed = s1 - s0
+        result.gc_s_per_step = round((gc1 - gc0) / timed, 4)
         tokens = _TokenCount.between(n0, n1)
         seconds = t1 - t0
         result.ok, result.steps = True, timed
@@ -413,6 +425,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
             result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         log(f"{phase.name}: failed: {result.error}")
     finally:
+        gc.callbacks.remove(timer.collecting)
         del trainer, base
         gc.collect()
         if cuda:
@@ -422,7 +435,8 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
             torch.cuda.set_per_process_memory_fraction(1.0)
     if result.ok:
         log(f"{phase.name}: {result.tokens_per_s:,.0f} tokens/s, {result.step_s:.3f} s/step, "
-            f"{result.tokens_per_step:,.0f} tokens/step, peak {result.peak_reserved_gib} GiB, MFU {result.mfu:.1%}")
+            f"{result.tokens_per_step:,.0f} tokens/step, peak {result.peak_reserved_gib} GiB, MFU {result.mfu:.1%}, "
+            f"gc {result.gc_s_per_step * 1e3:.0f} ms/step")
     return result
 
 

@@ -147,6 +147,7 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
                             callbacks=list(callbacks))
     installed = speed.prepare_adapted(trainer.model, levers)
     installed["long_context"] = longctx.apply(trainer, s, levers, stats)  # docs/long-context.md
+    speed.count_flops_once(trainer)
     return trainer, installed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 from pathlib import Path
@@ -106,8 +107,10 @@ def test_a_tiny_phase_runs_end_to_end_on_cpu(tiny_model):
     what the padding-free collator packed (no padding), and a padded recipe counts only non-pad tokens."""
     rows = bench.make_rows(120, 1024, 256, seed=0, median=60)
     opts = bench.Options(max_length=256, warmup=1, steps=2)
+    hooks = list(gc.callbacks)
     job = bench.run_phase(bench.Phase("job", "job"), Path(tiny_model), rows, opts)
     assert job.ok, job.error
+    assert gc.callbacks == hooks and 0 <= job.gc_s_per_step < job.step_s  # the collector's time, and its hook gone
     assert job.levers["attn_implementation"] == "sdpa" and job.steps == 2
     assert 900 <= job.tokens_per_step <= 4 * 256 and job.tokens_per_s > 0
     padded = bench.run_phase(bench.Phase("tutorial", "stock", bench.Stock(

@@ -279,6 +279,21 @@ def test_the_device_map_puts_only_the_embeddings_in_cpu_memory(tiny_model):
     assert speed.device_map(speed.Levers(), config, {"": 0}) == {"": 0}
 
 
+def test_the_flop_count_walks_the_model_once(quiet, tiny_model):
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    lm = adapted(quiet, tiny_model)
+    trainer = SimpleNamespace(model=lm)
+    inputs = {"input_ids": torch.ones(2, 37, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)  # transformers' own count, per micro-step
+    speed.count_flops_once(trainer)
+    lm.num_parameters = lambda **kwargs: pytest.fail("the model was walked again")
+    assert trainer.floating_point_ops(inputs) == expected > 0
+    assert trainer.floating_point_ops({"inputs_embeds": torch.ones(2, 37, 8)}) == 0  # as transformers counts it
+
+
 def test_partial_recomputation_spreads_the_layers(quiet, tiny_model):
     base = model.load_model(quiet, str(tiny_model))
     speed.prepare_base(base, speed.Levers(checkpointing="partial", checkpoint_layers=2))

@@ -1,19 +1,22 @@
 """Where the host time of a micro-step goes (issue 11), on the GPU machine, through job.bench's phases.
 
 The capped plans are limited by ~0.47 s of host work per micro-step (docs/performance.md, "What limits the capped
-runs"). This profiles one optimizer step of the job's path with Python stacks, once at 4 rows a micro-step and once
-at 1 row x 4 micro-steps (host-bound), and prints: wall vs kernel time, CUDA runtime calls (launches, syncs), and
-the self time of every Python function and operator summed over all threads (autograd's backward thread too, which
-cProfile would miss). The Chrome traces go to $OUT (gzipped) for a closer look.
+runs"). This profiles one whole optimizer step of the job's path (from the end of the step before, so the logging
+and the batch fetch between steps are inside) with Python stacks, once at 4 rows a micro-step and once at 1 row x 4
+micro-steps (host-bound), and prints: wall vs kernel time, CUDA runtime calls (launches, syncs), the self time of
+every Python function and operator summed over all threads (autograd's backward thread too, which cProfile would
+miss), and what the host ran inside the longest GPU gaps. Kernels-only runs print the GPU time by kind of kernel.
+The Chrome traces go to $OUT (gzipped) for a closer look.
 
 Usage: python3 scripts/gpu/host_profile.py OUT_DIR [PHASE,...] [kernels]
-    PHASE: 4x1 (default), 1x4, 16 (a 16 GiB cap); `kernels` records kernels only, so the host runs at full speed
+    PHASE: 4x1 (default), 1x4, 16 (a 16 GiB cap), stock (the best stock recipe); `kernels` records kernels only, so the host runs at full speed
     and the idle gaps are the real ones
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import json
 import os
@@ -98,18 +101,67 @@ def gaps(trace: dict, wall_s: float) -> None:
         print(f"  {us / 1e3:7.1f} ms waited before {name}")
 
 
+KERNEL_KINDS = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas")), ("flash attention", ("flash", "fmha")),
+                ("lora triton", ("_lora_",)), ("liger", ("_rms_norm", "_swiglu", "_rope", "_triton_rope")),
+                ("bnb dequant", ("kDequantize", "dequant")), ("chunked head", ("logprob", "_chunked")),
+                ("copy/cast", ("copy", "cast", "Copy")), ("elementwise", ("elementwise", "Elementwise")),
+                ("reduce", ("reduce", "Reduce")))
+
+
+def kernel_breakdown(trace: dict) -> None:
+    """GPU time by kind of kernel and the top kernels by name: what the GPU spends a step on."""
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            by_name[e["name"]][0] += 1
+            by_name[e["name"]][1] += e["dur"]
+    kinds = collections.Counter()
+    for name, (_, us) in by_name.items():
+        kinds[next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")] += us
+    whole = sum(kinds.values())
+    print("GPU time by kind (ms, share): " + ", ".join(f"{k} {v / 1e3:.1f} ({v / whole:.0%})"
+                                                       for k, v in kinds.most_common()))
+    for name, (calls, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"  {calls:6d} {us / 1e3:8.1f} ms  {name[:140]}")
+
+
+def host_in_gaps(trace: dict, count: int = 5) -> None:
+    """What the host was doing while the GPU sat idle: the Python functions with the most self time inside each of
+    the longest GPU gaps (a gap between kernels is host work the GPU waited for)."""
+    events = trace.get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    windows, last = [], None
+    for e in kernels:
+        if last is not None and e["ts"] - last > 1000:
+            windows.append((last, e["ts"]))
+        last = e["ts"] + e["dur"] if last is None else max(last, e["ts"] + e["dur"])
+    for start, end in sorted(windows, key=lambda w: w[0] - w[1])[:count]:
+        clipped = []
+        for e in events:
+            if e.get("ph") == "X" and e.get("cat") in ("python_function", "cpu_op", "cuda_runtime"):
+                a, b = max(e["ts"], start), min(e["ts"] + e["dur"], end)
+                if b > a:
+                    clipped.append({**e, "ts": a, "dur": b - a})
+        rows = sorted(((k, v) for k, v in self_times({"traceEvents": clipped}).items()), key=lambda kv: -kv[1][1])
+        print(f"GPU idle {(end - start) / 1e3:.1f} ms at +{(start - kernels[0]['ts']) / 1e3:.0f} ms; host self time there:")
+        for (category, fn), (calls, us, _) in rows[:14]:
+            print(f"  {us / 1e3:7.1f} ms {calls:5d}x {category[:6]} {fn[:130]}")
+
+
 def traced_profiler(out: Path, name: str, stacks: bool = True):
     import torch
     from transformers import TrainerCallback
 
     class Profile(TrainerCallback):
-        """One optimizer step after warm-up, with Python stacks."""
+        """One whole optimizer step after warm-up, end to end: from the end of step 3 (so the logging and the batch
+        fetch between steps are inside) to the end of step 4."""
 
         def __init__(self):
             self.prof = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 3:
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None and state.global_step == 3:
                 torch.cuda.synchronize()
                 activities = [torch.profiler.ProfilerActivity.CUDA]
                 if stacks:
@@ -117,9 +169,7 @@ def traced_profiler(out: Path, name: str, stacks: bool = True):
                 self.prof = torch.profiler.profile(activities=activities, with_stack=stacks)
                 self.prof.start()
                 self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None and state.global_step == 4:
+            elif self.prof is not None and state.global_step == 4:
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - self.started
                 self.prof.stop()
@@ -128,8 +178,10 @@ def traced_profiler(out: Path, name: str, stacks: bool = True):
                 trace = json.loads(path.read_text())
                 if stacks:
                     report(name, trace, wall)
+                    host_in_gaps(trace)
                 else:
                     print(f"\n=== {name} (kernels only: the host runs at full speed)")
+                    kernel_breakdown(trace)
                 gaps(trace, wall)
                 with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -139,7 +191,8 @@ def traced_profiler(out: Path, name: str, stacks: bool = True):
     return Profile()
 
 
-PHASES = {"4x1": ({}, 0.0), "1x4": ({"micro_batch_size": 1, "grad_accum": 4}, 0.0), "16": ({}, 16.0)}
+PHASES = {"4x1": ({}, 0.0), "1x4": ({"micro_batch_size": 1, "grad_accum": 4}, 0.0), "16": ({}, 16.0),
+          "stock": (None, 0.0)}
 
 
 def main(out: Path, phases: list[str], stacks: bool) -> None:
@@ -151,11 +204,12 @@ def main(out: Path, phases: list[str], stacks: bool) -> None:
         overrides, cap = PHASES[key]
         name = f"job-{key}" + ("" if stacks else "-kernels")
         # plain timing first, then the same phase profiled
-        result = bench.run_phase(bench.Phase(name, "job", overrides=overrides, cap_gib=cap), nf4_dir, rows, opts)
+        phase = (bench.Phase(name, "stock", stock=bench.Stock(), cap_gib=cap) if overrides is None else
+                 bench.Phase(name, "job", overrides=overrides, cap_gib=cap))
+        result = bench.run_phase(phase, nf4_dir, rows, opts)
         print(f"{name}: {result.tokens_per_s:,.0f} tokens/s, {result.step_s:.3f} s/step", flush=True)
         bench._profiler = lambda warmup, steps=2, n=name: traced_profiler(out, n, stacks)
-        bench.run_phase(bench.Phase(name, "job", overrides=overrides, cap_gib=cap, profile=True), nf4_dir, rows,
-                        bench.Options(warmup=3, steps=1))
+        bench.run_phase(dataclasses.replace(phase, profile=True), nf4_dir, rows, bench.Options(warmup=3, steps=1))
 
 
 if __name__ == "__main__":

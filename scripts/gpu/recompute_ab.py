@@ -1,18 +1,22 @@
-"""Same-process A/B of the recomputation levers (issue 11), on the GPU machine, through job.bench's phases:
+"""Same-process A/B of the job's levers (issue 11), on the GPU machine, through job.bench's phases:
 
     down      the down projection's matmul skipped in a recompute (job.speed.SKIP_MLP_FAMILIES) vs run again
     offload   checkpoints offloaded by job.longctx's asynchronous offloader vs transformers' save_on_cpu
     alloc     (with `alloc` as the second argument) the caching allocator's expandable segments on vs off, and
               the job uncapped with and without recomputing every layer
+    host      (with `host` as the second argument) uncapped, alternating: the job; the job before
+              speed.count_flops_once (transformers' FLOP count walking the model every micro-step); the job with
+              gc.freeze() after the trainer is built (is Python's collector a stall?); stock's best recipe
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import sys
 from pathlib import Path
@@ -24,8 +28,10 @@ from job import bench, longctx, speed
 @contextlib.contextmanager
 def previous(lever: str):
     """The code path before the lever, for one phase."""
-    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments)
-    if lever == "down":
+    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once)
+    if lever == "flops":
+        speed.count_flops_once = lambda trainer: None
+    elif lever == "down":
         speed.SKIP_MLP_FAMILIES = set()
     elif lever == "offload":
         def transformers_offload(levers):
@@ -40,7 +46,7 @@ def previous(lever: str):
     try:
         yield
     finally:
-        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments = saved
+        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once = saved
 
 
 @contextlib.contextmanager
@@ -56,6 +62,23 @@ def expandable(on: bool):
         torch.cuda.memory._set_allocator_settings("expandable_segments:False")
 
 
+@contextlib.contextmanager
+def frozen_collector():
+    """gc.freeze() once the trainer is built (the candidate lever), unfrozen after the phase so it can be freed."""
+    original = speed.count_flops_once
+
+    def count_then_freeze(trainer):
+        original(trainer)
+        gc.freeze()
+
+    speed.count_flops_once = count_then_freeze
+    try:
+        yield
+    finally:
+        speed.count_flops_once = original
+        gc.unfreeze()
+
+
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
@@ -63,6 +86,16 @@ def main(caps: list[float], mode: str = "levers") -> None:
     # flex_attention compiles in the first phase that uses it: a stock phase first, untimed for the A/B
     bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
     phases = []
+    if mode == "host":
+        for round_ in (1, 2):
+            for name, context in (("job", contextlib.nullcontext()), ("job before flops", previous("flops")),
+                                  ("job gc.freeze", frozen_collector())):
+                with context:
+                    result = bench.run_phase(bench.Phase(f"{name} #{round_}", "job"), nf4_dir, rows, opts)
+                print(json.dumps(dataclasses.asdict(result)), flush=True)
+            result = bench.run_phase(bench.Phase(f"stock #{round_}", "stock", bench.Stock()), nf4_dir, rows, opts)
+            print(json.dumps(dataclasses.asdict(result)), flush=True)
+        return
     if mode == "alloc":
         phases += [(bench.Phase("job", "job"), False), (bench.Phase("job recompute all", "job", overrides={
             "gradient_checkpointing": "true"}), False), (bench.Phase("job recompute all expandable", "job", overrides={
