@@ -88,17 +88,22 @@ def gaps(trace: dict, wall_s: float) -> None:
     span = end - start
     idle = [0.0] * 20
     waits = collections.Counter()
+    longest = []  # (gap, offset from the start, the kernel that ended it)
     last = start
     for e in kernels:
         if e["ts"] > last:
             idle[min(19, int((last - start) / span * 20))] += e["ts"] - last
             if e["ts"] - last > 30:
                 waits[e["name"][:80]] += e["ts"] - last
+                longest.append((e["ts"] - last, last - start, e["name"][:80]))
         last = max(last, e["ts"] + e["dur"])
     print(f"kernels span {span / 1e3:.1f} ms of {wall_s * 1e3:.1f} ms wall; GPU idle {sum(idle) / 1e3:.1f} ms inside it")
     print("idle ms per 5% of the span: " + " ".join(f"{v / 1e3:.0f}" for v in idle))
     for name, us in waits.most_common(12):
         print(f"  {us / 1e3:7.1f} ms waited before {name}")
+    print("longest gaps (ms, at +ms, before):")
+    for gap, offset, name in sorted(longest, reverse=True)[:15]:
+        print(f"  {gap / 1e3:7.1f} at +{offset / 1e3:7.1f}  {name}")
 
 
 KERNEL_KINDS = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas")), ("flash attention", ("flash", "fmha")),
@@ -149,13 +154,13 @@ def host_in_gaps(trace: dict, count: int = 5) -> None:
             print(f"  {us / 1e3:7.1f} ms {calls:5d}x {category[:6]} {fn[:130]}")
 
 
-def traced_profiler(out: Path, name: str, stacks: bool = True):
+def traced_profiler(out: Path, name: str, stacks: bool = True, steps: int = 1):
     import torch
     from transformers import TrainerCallback
 
     class Profile(TrainerCallback):
-        """One whole optimizer step after warm-up, end to end: from the end of step 3 (so the logging and the batch
-        fetch between steps are inside) to the end of step 4."""
+        """`steps` whole optimizer steps after warm-up, end to end: from the end of step 3 (so the logging and the
+        batch fetch between steps are inside) to the end of step 3 + steps."""
 
         def __init__(self):
             self.prof = None
@@ -169,7 +174,7 @@ def traced_profiler(out: Path, name: str, stacks: bool = True):
                 self.prof = torch.profiler.profile(activities=activities, with_stack=stacks)
                 self.prof.start()
                 self.started = time.perf_counter()
-            elif self.prof is not None and state.global_step == 4:
+            elif self.prof is not None and state.global_step == 3 + steps:
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - self.started
                 self.prof.stop()

@@ -7,9 +7,13 @@
     host      (with `host` as the second argument) uncapped, alternating: the job; the job before
               speed.count_flops_once (transformers' FLOP count walking the model every micro-step); the job with
               gc.freeze() after the trainer is built (is Python's collector a stall?); stock's best recipe
+    sync      (with `sync` as the second argument) uncapped: the job as it is and the job without the GPU read-backs
+              of every micro-step (run 8 measured that 10% slower and could not say why), timed, then each traced
+              (kernels only, 3 steps) to see whether the kernels or the gaps change; stock's best recipe last.
+              Run it beside an nvidia-smi sampler: the phases print their wall-clock start and end
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|sync] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,10 +85,70 @@ def frozen_collector():
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def without_syncs():
+    """For one phase, the job without its three read-backs a micro-step: transformers' check whether the row is
+    packed at every forward (masking_utils.find_packed_sequence_indices), TRL's metrics after every forward (kept
+    on the GPU here until the log step) and transformers' NaN filter after every backward (off)."""
+    import torch
+    import trl
+    from transformers import masking_utils
+
+    class DeferredMetrics(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)  # TRL's plain loss, as sft_trainer.compute_loss has it
+            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+            self.__dict__.setdefault("pending", []).append(torch.stack(
+                [outputs.entropy.detach().sum().float(), outputs.is_top1.sum().float(), outputs.label_mask.sum().float()]))
+            self._total_train_tokens += inputs["position_ids"].size(1)
+            return loss
+
+        def log(self, logs, start_time=None):
+            pending = self.__dict__.pop("pending", [])
+            if pending:
+                entropy, correct, valid = torch.stack(pending).sum(0).tolist()
+                logs.update(entropy=entropy / max(valid, 1), mean_token_accuracy=correct / max(valid, 1))
+            return super().log(logs, start_time)
+
+    def packed_unchecked(position_ids):
+        return (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+    saved = trl.SFTTrainer, speed.sft_arguments, masking_utils.find_packed_sequence_indices
+    trl.SFTTrainer = DeferredMetrics
+    speed.sft_arguments = lambda levers: {**saved[1](levers), "logging_nan_inf_filter": False}
+    masking_utils.find_packed_sequence_indices = packed_unchecked
+    try:
+        yield
+    finally:
+        trl.SFTTrainer, speed.sft_arguments, masking_utils.find_packed_sequence_indices = saved
+
+
+def sync_ab(nf4_dir, rows, out: Path) -> None:
+    import host_profile
+
+    def timed(phase, context, opts):
+        started = time.time()
+        with context:
+            result = bench.run_phase(phase, nf4_dir, rows, opts)
+        print(json.dumps({**dataclasses.asdict(result), "t_start": started, "t_end": time.time()}), flush=True)
+
+    timing, traced = bench.Options(warmup=3, steps=8), bench.Options(warmup=3, steps=3)
+    timed(bench.Phase("job", "job"), contextlib.nullcontext(), timing)
+    timed(bench.Phase("job no syncs", "job"), without_syncs(), timing)
+    for name, context in (("job-nosync", without_syncs()), ("job-as-is", contextlib.nullcontext())):
+        bench._profiler = lambda warmup, steps=2, n=name: host_profile.traced_profiler(out, n, stacks=False, steps=3)
+        timed(bench.Phase(f"{name} traced", "job", profile=True), context, traced)
+    timed(bench.Phase("stock", "stock", bench.Stock()), contextlib.nullcontext(), timing)
+
+
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
     opts = bench.Options(warmup=3, steps=8)
+    if mode == "sync":
+        return sync_ab(nf4_dir, rows, Path(os.environ.get("OUT", "/tmp")))
     # flex_attention compiles in the first phase that uses it: a stock phase first, untimed for the A/B
     bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
     phases = []
