@@ -11,9 +11,11 @@
               of every micro-step (run 8 measured that 10% slower and could not say why), timed, then each traced
               (kernels only, 3 steps) to see whether the kernels or the gaps change; stock's best recipe last.
               Run it beside an nvidia-smi sampler: the phases print their wall-clock start and end
+    rows      (with `rows` as the second argument) under each cap: the job at its 4 rows a step, the job told to train
+              8 rows a step (GRAD_ACCUM=2), and stock's fastest recipe there, which trains 8 (batch 8, recompute)
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|sync] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|sync|rows] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -149,6 +151,13 @@ def main(caps: list[float], mode: str = "levers") -> None:
     opts = bench.Options(warmup=3, steps=8)
     if mode == "sync":
         return sync_ab(nf4_dir, rows, Path(os.environ.get("OUT", "/tmp")))
+    if mode == "rows":
+        for cap in caps:
+            for phase in (bench.Phase(f"job@{cap:g}", "job", cap_gib=cap),
+                          bench.Phase(f"job@{cap:g} 8 rows", "job", overrides={"grad_accum": "2"}, cap_gib=cap),
+                          bench.Phase(f"stock@{cap:g}", "stock", bench.Stock(recompute=True, batch=8), cap_gib=cap)):
+                print(json.dumps(dataclasses.asdict(bench.run_phase(phase, nf4_dir, rows, opts))), flush=True)
+        return
     # flex_attention compiles in the first phase that uses it: a stock phase first, untimed for the A/B
     bench.run_phase(bench.Phase("warm", "stock", bench.Stock(recompute=True, batch=2)), nf4_dir, rows, opts)
     phases = []
