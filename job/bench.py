@@ -337,7 +337,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
     from job import config as job_config
     from job import model as job_model
     from job import speed
-    from job.train import build_trainer
+    from job.train import JobTrainer, build_trainer
 
     recipe = phase.stock.describe(opts.max_length) if phase.stock else "job defaults"
     result = Result(phase.name, recipe, phase.cap_gib)
@@ -353,7 +353,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
     counter = _TokenCount()
     timer = _step_timer(opts.warmup, counter)
     callbacks = [timer] + ([_profiler(opts.warmup)] if phase.profile and cuda else [])
-    trainer_class = _timed_trainer(SFTTrainer, counter)
+    trainer_class = _timed_trainer(JobTrainer if phase.kind == "job" else SFTTrainer, counter)
     cfg = AutoConfig.from_pretrained(nf4_dir)
     tokenizer = AutoTokenizer.from_pretrained(nf4_dir)
     started = time.time()

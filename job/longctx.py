@@ -703,6 +703,7 @@ def longctx_attention_forward(module, query, key, value, attention_mask, dropout
     # set by `install` on the layer's modules (not thread-local: CUDA backward runs on autograd's own thread)
     mode, layer = getattr(module, "_longctx_mode", None), getattr(module, "_longctx_layer", None)
     batch, heads, length, dim = query.shape
+    attention_mask = speed.real_mask(attention_mask)
     if (mode is None or not mode.own_kernels or not torch.is_grad_enabled() or attention_mask is not None
             or key.shape[2] != length or dropout):
         return speed.varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -717,6 +718,7 @@ def register_attention() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(LONGCTX_ATTENTION, longctx_attention_forward)
+    speed.MASK_FREE_ATTENTION.add(LONGCTX_ATTENTION)
     ALL_MASK_ATTENTION_FUNCTIONS.register(LONGCTX_ATTENTION, speed.varlen_mask)
 
 

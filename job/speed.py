@@ -539,6 +539,19 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, varlen_mask)
 
 
+# Attention implementations that find the samples of a packed row themselves (from cu_seq_lens or the position
+# ids) and need no mask; job.longctx adds its own.
+MASK_FREE_ATTENTION = {VARLEN}
+# What the packing guard passes as the mask of a padding-free packed batch to those implementations: transformers
+# returns a 4D mask as it is, where building one would first read the position ids back from the GPU
+# (masking_utils.find_packed_sequence_indices), a stall at every forward. The attention treats it as no mask.
+NO_MASK = torch.empty((0, 0, 0, 0), dtype=torch.bool)
+
+
+def real_mask(attention_mask):
+    return None if attention_mask is NO_MASK else attention_mask
+
+
 def varlen_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
     """No mask at all when the attention can take the sample boundaries from the position ids; else sdpa's."""
     from transformers.masking_utils import sdpa_mask
@@ -666,6 +679,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
+    attention_mask = real_mask(attention_mask)
     if attention_mask is not None or key.shape[2] != length or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -706,8 +720,11 @@ def _packing_guard(module, args, kwargs):
     if position_ids is None or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return None
     mask = kwargs.get("attention_mask")
-    if mask is None and kwargs.get("use_cache") is False:
-        return None  # already what transformers needs (TRL's padding-free batches): no check, no GPU sync
+    if mask is None and kwargs.get("use_cache") is False:  # TRL's padding-free batches: no check, no GPU sync
+        if module.config._attn_implementation in MASK_FREE_ATTENTION:
+            kwargs["attention_mask"] = NO_MASK
+            return args, kwargs
+        return None  # already what transformers needs
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         return None  # a prepared 4D mask or BlockMask is the caller's own
     reference = kwargs.get("input_ids")
@@ -1301,6 +1318,9 @@ def sft_arguments(levers: Levers) -> dict:
         "dataloader_num_workers": levers.dataloader_workers,
         "dataloader_pin_memory": levers.device != "cpu",
         "dataloader_persistent_workers": levers.dataloader_workers > 0,
+        # the filter reads every micro-step's loss back from the GPU, and logs a running mean in place of a NaN,
+        # hiding a diverged run from the job's guard (job.train.GuardCallback)
+        "logging_nan_inf_filter": False,
     }
 
 

@@ -91,6 +91,36 @@ def test_trainer_path_keeps_samples_apart(settings, tiny_model, tiny_tokenizer, 
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("attn", ["sdpa", speed.VARLEN])
+def test_the_job_trainers_loss_is_each_sample_alone(settings, tiny_model, tiny_tokenizer, samples, tmp_path, mode,
+                                                      attn):
+    """The job's own loss (JobTrainer.compute_loss, TRL's fused head, the guard passing speed.NO_MASK under varlen
+    so that transformers builds no mask) on a padding-free batch: the loss of the samples scored one by one."""
+    import datasets
+    from trl import SFTConfig
+
+    from job.train import JobTrainer
+
+    base = load(settings, tiny_model, attn=attn, adapter=False)
+    rows = datasets.Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
+                                       "labels": [s.tolist() for s in samples]})
+    args = SFTConfig(output_dir=str(tmp_path), packing=True, padding_free=True, max_length=64, use_cpu=True,
+                     bf16=False, report_to="none", per_device_train_batch_size=1, dataset_num_proc=None,
+                     activation_checkpointing=False)
+    trainer = JobTrainer(model=base, args=args, train_dataset=rows, processing_class=tiny_tokenizer,
+                         peft_config=model.lora_config(settings, base))
+    batch = trainer.data_collator([{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples])
+    getattr(trainer.model, mode)()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        scored = [torch.nn.functional.cross_entropy(trainer.model(input_ids=s[None], use_cache=False).logits[0, :-1],
+                                                    s[1:], reduction="sum") for s in samples]
+    expected = sum(scored) / sum(len(s) - 1 for s in samples)
+    assert abs(loss.item() - expected.item()) < tolerance(trainer.model)
+    assert trainer._pending_metrics[mode]  # its metrics wait for the log step
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager", speed.VARLEN])
 def test_a_mask_of_ones_does_not_join_samples(settings, tiny_model, samples, mode, attn):
     lm = load(settings, tiny_model, attn=attn)

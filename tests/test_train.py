@@ -84,17 +84,66 @@ def test_an_adapter_saved_without_its_weights_fails_the_run(trained_output, tmp_
 
 
 
-def test_a_diverged_run_stops_though_its_logged_loss_stays_finite(tiny_model, tiny_tokenizer, tmp_path):
-    """transformers' logging_nan_inf_filter (on by default) logs the running mean in place of a NaN loss, so a run
-    whose weights went NaN logged finite losses forever; the guard also reads the gradient norm and stops it."""
-    import signal
-
-    import torch
-    from transformers import AutoConfig, TrainerCallback
+def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, overrides=(), callbacks=(), trainer_class=None, **arguments):
+    """The job's trainer on the tiny model and bench-style rows, nothing saved."""
+    from transformers import AutoConfig
 
     from job import bench, speed
     from job import config as job_config
-    from job.train import STOP_SIGNALS, GuardCallback, build_trainer
+    from job.train import build_trainer
+
+    s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256,
+                         **dict(overrides)}, environ={})
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    rows = bench.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
+    trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, bench.dataset(rows),
+                               device_map=None, callbacks=list(callbacks), trainer_class=trainer_class,
+                               output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
+                               seed=0, **arguments)
+    return trainer
+
+
+def test_the_job_trainer_logs_what_trl_logs(tiny_model, tiny_tokenizer, tmp_path):
+    """JobTrainer reads its metrics back once per log instead of after every forward: the same loss, gradient
+    norm, entropy, token accuracy and token count as TRL's SFTTrainer, in training and in evaluation, with
+    gradient accumulation."""
+    from trl import SFTTrainer
+
+    from job.train import JobTrainer
+
+    histories = []
+    for trainer_class in (SFTTrainer, JobTrainer):
+        trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path / trainer_class.__name__,
+                                overrides={"micro_batch_size": "2", "grad_accum": "2"}, trainer_class=trainer_class,
+                                max_steps=6, logging_steps=2)
+        assert type(trainer).compute_loss is trainer_class.compute_loss
+        trainer.train()
+        trainer.evaluate(trainer.train_dataset.select(range(8)))
+        histories.append(trainer.state.log_history)
+    trl_history, job_history = histories
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens",
+            "eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens")
+    assert len(trl_history) == len(job_history) == 5  # 3 train logs, the summary, the evaluation
+    for trl_entry, job_entry in zip(trl_history, job_history):
+        shared = [k for k in keys if k in trl_entry]
+        assert shared == [k for k in keys if k in job_entry]
+        for key in shared:
+            assert job_entry[key] == pytest.approx(trl_entry[key], rel=1e-5, abs=1e-7), key
+    assert [k for k in keys if k in job_history[0]] == list(keys[:5])
+    assert job_history[2]["num_tokens"] > job_history[0]["num_tokens"] > 0
+    assert [k for k in keys if k in job_history[-1]] == list(keys[5:])
+
+
+def test_a_diverged_run_stops_at_its_first_nan(tiny_model, tiny_tokenizer, tmp_path):
+    """transformers' logging_nan_inf_filter (on by default) logs the running mean in place of a NaN loss, so a run
+    whose weights went NaN logged finite losses forever; the job turns the filter off, so the NaN loss is logged,
+    and the guard stops the run at the first log after it."""
+    import signal
+
+    import torch
+    from transformers import TrainerCallback
+
+    from job.train import STOP_SIGNALS, GuardCallback
 
     class Poison(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -102,21 +151,16 @@ def test_a_diverged_run_stops_though_its_logged_loss_stays_finite(tiny_model, ti
                 with torch.no_grad():
                     next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
-    s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256}, environ={})
-    cfg = AutoConfig.from_pretrained(tiny_model)
-    rows = bench.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # the guard traps them; pytest's come back
     try:
         guard = GuardCallback()
-        trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, bench.dataset(rows),
-                                   device_map=None, callbacks=[guard, Poison()], output_dir=str(tmp_path),
-                                   report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-                                   max_steps=6, logging_steps=1)
+        trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=[guard, Poison()],
+                                eval_strategy="no", max_steps=6, logging_steps=1)
         trainer.train()
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    logged = trainer.state.log_history
-    assert all(math.isfinite(h["loss"]) for h in logged if "loss" in h)  # the filter hid the NaN loss
-    assert guard.failed == "grad_norm nan"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(loss) for loss in losses[:2]) and math.isnan(losses[2])
+    assert guard.failed == "loss nan"
     assert trainer.state.global_step == 3  # stopped at the first NaN step's log, not after all 6

@@ -1,5 +1,6 @@
 """Same-process A/B of the job's levers (issue 11), on the GPU machine, through job.bench's phases:
 
+    syncs     (in `sync` mode) TRL's metrics read back after every forward, transformers' NaN filter, its mask builder
     down      the down projection's matmul skipped in a recompute (job.speed.SKIP_MLP_FAMILIES) vs run again
     offload   checkpoints offloaded by job.longctx's asynchronous offloader vs transformers' save_on_cpu
     alloc     (with `alloc` as the second argument) the caching allocator's expandable segments on vs off, and
@@ -7,10 +8,10 @@
     host      (with `host` as the second argument) uncapped, alternating: the job; the job before
               speed.count_flops_once (transformers' FLOP count walking the model every micro-step); the job with
               gc.freeze() after the trainer is built (is Python's collector a stall?); stock's best recipe
-    sync      (with `sync` as the second argument) uncapped: the job as it is and the job without the GPU read-backs
-              of every micro-step (run 8 measured that 10% slower and could not say why), timed, then each traced
-              (kernels only, 3 steps) to see whether the kernels or the gaps change; stock's best recipe last.
-              Run it beside an nvidia-smi sampler: the phases print their wall-clock start and end
+    sync      (with `sync` as the second argument) uncapped: the job (job.train.JobTrainer, no NaN filter, no mask
+              built under varlen) and the job with the GPU read-backs of every micro-step of TRL's and transformers'
+              code, in ABBA order; stock's best recipe; then the two under each cap. The phases print their
+              wall-clock start and end, to line up with an nvidia-smi sampler
     rows      (with `rows` as the second argument) under each cap: the job at its 4 rows a step, the job told to train
               8 rows a step (GRAD_ACCUM=2), and stock's fastest recipe there, which trains 8 (batch 8, recompute)
 
@@ -24,7 +25,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +36,17 @@ from job import bench, longctx, speed
 @contextlib.contextmanager
 def previous(lever: str):
     """The code path before the lever, for one phase."""
-    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once)
-    if lever == "flops":
+    from trl import SFTTrainer
+
+    from job import train
+
+    saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once,
+             train.JobTrainer, set(speed.MASK_FREE_ATTENTION))
+    if lever == "syncs":  # TRL's metrics read after every forward, the NaN filter on, transformers' mask builder
+        train.JobTrainer = SFTTrainer
+        speed.sft_arguments = lambda levers: {**saved[2](levers), "logging_nan_inf_filter": True}
+        speed.MASK_FREE_ATTENTION.clear()
+    elif lever == "flops":
         speed.count_flops_once = lambda trainer: None
     elif lever == "down":
         speed.SKIP_MLP_FAMILIES = set()
@@ -54,7 +63,9 @@ def previous(lever: str):
     try:
         yield
     finally:
-        speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once = saved
+        (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once,
+         train.JobTrainer) = saved[:5]
+        speed.MASK_FREE_ATTENTION.update(saved[5])
 
 
 @contextlib.contextmanager
@@ -87,62 +98,21 @@ def frozen_collector():
         gc.unfreeze()
 
 
-@contextlib.contextmanager
-def without_syncs():
-    """For one phase, the job without its three read-backs a micro-step: transformers' check whether the row is
-    packed at every forward (masking_utils.find_packed_sequence_indices), TRL's metrics after every forward (kept
-    on the GPU here until the log step) and transformers' NaN filter after every backward (off)."""
-    import torch
-    import trl
-    from transformers import masking_utils
-
-    class DeferredMetrics(trl.SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)  # TRL's plain loss, as sft_trainer.compute_loss has it
-            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-            self.__dict__.setdefault("pending", []).append(torch.stack(
-                [outputs.entropy.detach().sum().float(), outputs.is_top1.sum().float(), outputs.label_mask.sum().float()]))
-            self._total_train_tokens += inputs["position_ids"].size(1)
-            return loss
-
-        def log(self, logs, start_time=None):
-            pending = self.__dict__.pop("pending", [])
-            if pending:
-                entropy, correct, valid = torch.stack(pending).sum(0).tolist()
-                logs.update(entropy=entropy / max(valid, 1), mean_token_accuracy=correct / max(valid, 1))
-            return super().log(logs, start_time)
-
-    def packed_unchecked(position_ids):
-        return (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
-
-    saved = trl.SFTTrainer, speed.sft_arguments, masking_utils.find_packed_sequence_indices
-    trl.SFTTrainer = DeferredMetrics
-    speed.sft_arguments = lambda levers: {**saved[1](levers), "logging_nan_inf_filter": False}
-    masking_utils.find_packed_sequence_indices = packed_unchecked
-    try:
-        yield
-    finally:
-        trl.SFTTrainer, speed.sft_arguments, masking_utils.find_packed_sequence_indices = saved
-
-
-def sync_ab(nf4_dir, rows, out: Path) -> None:
-    import host_profile
-
-    def timed(phase, context, opts):
+def sync_ab(nf4_dir, rows, caps) -> None:
+    """ABBA, so that neither side is always the first job phase after the build (runs 11, 14 and 15 found that
+    one slow); then stock, then each cap with and without the reads."""
+    def timed(phase, context):
         started = time.time()
         with context:
-            result = bench.run_phase(phase, nf4_dir, rows, opts)
+            result = bench.run_phase(phase, nf4_dir, rows, bench.Options(warmup=3, steps=8))
         print(json.dumps({**dataclasses.asdict(result), "t_start": started, "t_end": time.time()}), flush=True)
 
-    timing, traced = bench.Options(warmup=3, steps=8), bench.Options(warmup=3, steps=3)
-    timed(bench.Phase("job", "job"), contextlib.nullcontext(), timing)
-    timed(bench.Phase("job no syncs", "job"), without_syncs(), timing)
-    for name, context in (("job-nosync", without_syncs()), ("job-as-is", contextlib.nullcontext())):
-        bench._profiler = lambda warmup, steps=2, n=name: host_profile.traced_profiler(out, n, stacks=False, steps=3)
-        timed(bench.Phase(f"{name} traced", "job", profile=True), context, traced)
-    timed(bench.Phase("stock", "stock", bench.Stock()), contextlib.nullcontext(), timing)
+    for name in ("job before syncs", "job", "job", "job before syncs"):
+        timed(bench.Phase(name, "job"), previous("syncs") if "before" in name else contextlib.nullcontext())
+    timed(bench.Phase("stock", "stock", bench.Stock()), contextlib.nullcontext())
+    for cap in caps:
+        timed(bench.Phase(f"job@{cap:g}", "job", cap_gib=cap), contextlib.nullcontext())
+        timed(bench.Phase(f"job@{cap:g} before syncs", "job", cap_gib=cap), previous("syncs"))
 
 
 def main(caps: list[float], mode: str = "levers") -> None:
@@ -150,7 +120,7 @@ def main(caps: list[float], mode: str = "levers") -> None:
     rows = bench.make_rows(3000, 128256, 2048)
     opts = bench.Options(warmup=3, steps=8)
     if mode == "sync":
-        return sync_ab(nf4_dir, rows, Path(os.environ.get("OUT", "/tmp")))
+        return sync_ab(nf4_dir, rows, caps)
     if mode == "rows":
         for cap in caps:
             for phase in (bench.Phase(f"job@{cap:g}", "job", cap_gib=cap),
