@@ -1318,6 +1318,9 @@ def sft_arguments(levers: Levers) -> dict:
         "dataloader_num_workers": levers.dataloader_workers,
         "dataloader_pin_memory": levers.device != "cpu",
         "dataloader_persistent_workers": levers.dataloader_workers > 0,
+        # a blocking copy of the batch waits for the GPU to finish the previous step before the host may queue
+        # the next forward; from pinned memory the copy needs no wait
+        "accelerator_config": {"non_blocking": levers.device != "cpu"},
         # the filter reads every micro-step's loss back from the GPU, and logs a running mean in place of a NaN,
         # hiding a diverged run from the job's guard (job.train.GuardCallback)
         "logging_nan_inf_filter": False,

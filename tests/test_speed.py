@@ -164,7 +164,10 @@ def test_sft_arguments_follow_the_levers():
     # offloading is job.longctx's asynchronous offloader, installed by prepare_adapted, not transformers' own
     assert args["activation_checkpointing"] and args["activation_checkpointing_kwargs"] == {"use_reentrant": False}
     assert args["dataloader_num_workers"] == 2 and args["dataloader_pin_memory"]
-    assert not speed.sft_arguments(speed.Levers())["activation_checkpointing"]
+    assert args["accelerator_config"] == {"non_blocking": True}  # pinned batches copied without a GPU wait
+    assert not args["logging_nan_inf_filter"]  # a NaN loss reaches the guard (tests/test_train.py)
+    on_cpu = speed.sft_arguments(speed.Levers())
+    assert not on_cpu["activation_checkpointing"] and on_cpu["accelerator_config"] == {"non_blocking": False}
 
 
 def test_peak_tflops_by_name():

@@ -1,6 +1,8 @@
 """Same-process A/B of the job's levers (issue 11), on the GPU machine, through job.bench's phases:
 
-    syncs     (in `sync` mode) TRL's metrics read back after every forward, transformers' NaN filter, its mask builder
+    copies    the batch copied to the GPU without waiting for it (accelerate's non_blocking, from pinned memory)
+              vs a blocking copy
+    syncs     TRL's metrics read back after every forward, transformers' NaN filter, its mask builder
     down      the down projection's matmul skipped in a recompute (job.speed.SKIP_MLP_FAMILIES) vs run again
     offload   checkpoints offloaded by job.longctx's asynchronous offloader vs transformers' save_on_cpu
     alloc     (with `alloc` as the second argument) the caching allocator's expandable segments on vs off, and
@@ -8,15 +10,14 @@
     host      (with `host` as the second argument) uncapped, alternating: the job; the job before
               speed.count_flops_once (transformers' FLOP count walking the model every micro-step); the job with
               gc.freeze() after the trainer is built (is Python's collector a stall?); stock's best recipe
-    sync      (with `sync` as the second argument) uncapped: the job (job.train.JobTrainer, no NaN filter, no mask
-              built under varlen) and the job with the GPU read-backs of every micro-step of TRL's and transformers'
-              code, in ABBA order; stock's best recipe; then the two under each cap. The phases print their
-              wall-clock start and end, to line up with an nvidia-smi sampler
+    syncs, copies  (as the second argument) uncapped, ABBA: the job and the job before that lever; the job with
+              both off (the product before run 17); stock's best recipe; then the two under each cap. The phases print
+              their wall-clock start and end, to line up with an nvidia-smi sampler
     rows      (with `rows` as the second argument) under each cap: the job at its 4 rows a step, the job told to train
               8 rows a step (GRAD_ACCUM=2), and stock's fastest recipe there, which trains 8 (batch 8, recompute)
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|sync|rows] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|syncs|copies|rows] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def previous(lever: str):
 
     saved = (speed.SKIP_MLP_FAMILIES, longctx.offload_checkpoints, speed.sft_arguments, speed.count_flops_once,
              train.JobTrainer, set(speed.MASK_FREE_ATTENTION))
-    if lever == "syncs":  # TRL's metrics read after every forward, the NaN filter on, transformers' mask builder
+    if lever == "copies":  # the batch copied to the GPU with a blocking copy
+        speed.sft_arguments = lambda levers: {**saved[2](levers), "accelerator_config": {"non_blocking": False}}
+    elif lever == "syncs":  # TRL's metrics read after every forward, the NaN filter on, transformers' mask builder
         train.JobTrainer = SFTTrainer
         speed.sft_arguments = lambda levers: {**saved[2](levers), "logging_nan_inf_filter": True}
         speed.MASK_FREE_ATTENTION.clear()
@@ -98,29 +101,33 @@ def frozen_collector():
         gc.unfreeze()
 
 
-def sync_ab(nf4_dir, rows, caps) -> None:
-    """ABBA, so that neither side is always the first job phase after the build (runs 11, 14 and 15 found that
-    one slow); then stock, then each cap with and without the reads."""
-    def timed(phase, context):
+def host_ab(nf4_dir, rows, caps, lever: str) -> None:
+    """The job against the job before `lever`, ABBA after an untimed job phase (the first job phase of a process
+    runs slow: runs 11 and 14-16); then the previous product path (every host lever off), stock's best recipe,
+    and the two under each cap."""
+    def timed(phase, context, steps=8):
         started = time.time()
         with context:
-            result = bench.run_phase(phase, nf4_dir, rows, bench.Options(warmup=3, steps=8))
+            result = bench.run_phase(phase, nf4_dir, rows, bench.Options(warmup=3, steps=steps))
         print(json.dumps({**dataclasses.asdict(result), "t_start": started, "t_end": time.time()}), flush=True)
 
-    for name in ("job before syncs", "job", "job", "job before syncs"):
-        timed(bench.Phase(name, "job"), previous("syncs") if "before" in name else contextlib.nullcontext())
+    timed(bench.Phase("warm", "job"), contextlib.nullcontext(), steps=2)
+    for name in ("job", f"job before {lever}", f"job before {lever}", "job"):
+        timed(bench.Phase(name, "job"), previous(lever) if "before" in name else contextlib.nullcontext())
+    with previous("syncs"), previous("copies"):
+        timed(bench.Phase("job before syncs and copies", "job"), contextlib.nullcontext())
     timed(bench.Phase("stock", "stock", bench.Stock()), contextlib.nullcontext())
     for cap in caps:
         timed(bench.Phase(f"job@{cap:g}", "job", cap_gib=cap), contextlib.nullcontext())
-        timed(bench.Phase(f"job@{cap:g} before syncs", "job", cap_gib=cap), previous("syncs"))
+        timed(bench.Phase(f"job@{cap:g} before {lever}", "job", cap_gib=cap), previous(lever))
 
 
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
     opts = bench.Options(warmup=3, steps=8)
-    if mode == "sync":
-        return sync_ab(nf4_dir, rows, caps)
+    if mode in ("syncs", "copies"):
+        return host_ab(nf4_dir, rows, caps, mode)
     if mode == "rows":
         for cap in caps:
             for phase in (bench.Phase(f"job@{cap:g}", "job", cap_gib=cap),
