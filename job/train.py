@@ -142,7 +142,8 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
     base = model.load_model(s, path, device_map=speed.device_map(levers, config, device_map, s.trust_remote_code),
                             attn_implementation=levers.attn_implementation)
     speed.prepare_base(base, levers)
-    trainer = (trainer_class or JobTrainer)(model=base, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+    trainer_class = trainer_class or JobTrainer  # (defined below)
+    trainer = trainer_class(model=base, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                             processing_class=tokenizer, peft_config=model.lora_config(s, base),
                             callbacks=list(callbacks))
     installed = speed.prepare_adapted(trainer.model, levers)
@@ -349,8 +350,8 @@ class GuardCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # the gradient norm too: with transformers' logging_nan_inf_filter on (its default; the job turns it off)
-        # the running mean is logged in place of a NaN loss, so a run whose weights went NaN logs a finite loss
+        # the gradient norm too: a backward can overflow while the loss stays finite (the job turns transformers'
+        # logging_nan_inf_filter off, so a NaN loss is logged as NaN, not as the running mean)
         for key in ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(value):
