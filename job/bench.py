@@ -547,6 +547,7 @@ def _describe_levers(levers: dict) -> str:
              "fused LoRA" if levers["lora_kernel"] else "", "bf16 weight cache" if levers["dequant_cache"] else "",
              {"none": "no recompute", "full": "recompute all", "offload": "recompute+offload",
               "partial": f"recompute {levers['checkpoint_layers']} layers"}[levers["checkpointing"]],
+             f"{levers['offloaded_layers']} layers' activations on CPU" if levers.get("offloaded_layers") else "",
              f"batch {levers['micro_batch_size']}x{levers['grad_accum']}",
              ("embeddings on CPU" if levers.get("offload_head") else "input embedding on CPU")
              if levers["offload_embeddings"] else ""]

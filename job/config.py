@@ -120,6 +120,10 @@ class Settings:
                                       "a step), and the output layer too, streamed in chunks; true moves both; auto "
                                       "moves the input table, or both, only when that buys a faster plan or any.",
                                       choices=("auto", "true", "false"), group="speed", identity=False)
+    offload_layers: int = setting(-1, "Decoder layers whose activations go to pinned CPU memory during the forward "
+                                  "and come back for the backward, instead of being recomputed; only where some "
+                                  "layers are recomputed (under a memory cap). -1 lets auto choose, 0 never.",
+                                  group="speed", identity=False)
     gpu_memory_gib: float = setting(0.0, "Cap on the GPU memory the job may use, in GiB, as on a smaller card; "
                                     "0 means the card's free memory. The speed choice plans within it.",
                                     group="speed", identity=False)
@@ -315,6 +319,7 @@ def validate(s: Settings) -> list[str]:
     need(s.grad_accum >= 1, "grad_accum", "must be at least 1")
     need(s.max_length >= 16, "max_length", "must be at least 16 tokens")
     need(s.gpu_memory_gib == 0 or s.gpu_memory_gib >= 1, "gpu_memory_gib", "must be 0 (the whole card) or at least 1")
+    need(s.offload_layers >= -1, "offload_layers", "must be -1 (auto) or 0 or more")
     need(s.dataloader_workers >= -1, "dataloader_workers", "must be -1 (auto) or 0 or more")
     need(0 <= s.eval_fraction < 0.5, "eval_fraction", "must be in [0, 0.5)")
     need(s.max_eval_samples >= 1, "max_eval_samples", "must be at least 1")

@@ -39,6 +39,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -324,7 +325,8 @@ class Offloader:
         if not self.simulate:
             self.slab(slot, nbytes)
 
-    def put(self, key, tag: int, t: torch.Tensor, slot=None) -> None:
+    def put(self, key, tag: int, t: torch.Tensor, slot=None, host: torch.Tensor | None = None) -> None:
+        """`host`: where in pinned memory the copy goes (the caller's), else the slot's own buffer."""
         entry = _Entry(tag, t.shape, t.dtype)
         self.counters["put"] += 1
         if self.simulate:
@@ -334,7 +336,9 @@ class Offloader:
             if not t.is_contiguous():
                 t = t.contiguous()
             nbytes = t.numel() * t.element_size()
-            host = self.slab(slot if slot is not None else key, nbytes)[:nbytes].view(t.dtype).view(t.shape)
+            if host is None:
+                host = self.slab(slot if slot is not None else key, nbytes)[:nbytes]
+            host = host.view(t.dtype).view(t.shape)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(t, non_blocking=True)
@@ -839,6 +843,185 @@ def offload_checkpoints(model, tokens: int, *, simulate: bool = False) -> LongCo
     mode = LongContext(_hf_model(model), cache=False, simulate=simulate)
     mode.own_kernels = False  # job.speed's attention stays
     _checkpoint_through(mode, tokens, speed.Shape.of(mode.hf.config), simulate)
+    return mode
+
+
+class LayerOffload:
+    """Whole decoder layers' saved tensors in pinned CPU memory instead of recomputed (job.speed's partial plan
+    under a cap, `OFFLOAD_LAYERS`): the first layers' activations go out on a side stream during the forward and
+    come back during the backward of the recomputed layers after them, so PCIe time replaces recompute time.
+
+    The copies in flight and the copies brought back share one GPU pool with the kept (last, neither recomputed
+    nor offloaded) layers, whose activations exist only between their forward and their backward: `pool` bytes
+    (what the kept layers take). Before each layer's forward the host waits for copies out until those in flight
+    fit what the kept layers leave of the pool; each layer's backward start (a hook on its output's gradient)
+    brings back offloaded layers, highest first, while they fit. Hand-written: transformers' save_on_cpu and
+    TRL's OffloadActivations copy back only when autograd asks, on the compute stream, with no bound on memory.
+    """
+
+    def __init__(self, layers: list, offloaded: list[int], kept: list[int], store: Offloader, pool_bytes: float,
+                 layer_capacity: int = 0):
+        self.layers, self.offloaded, self.kept, self.store = layers, sorted(offloaded), set(kept), store
+        self.pool = pool_bytes
+        self.capacity = layer_capacity             # pinned bytes per offloaded layer, reserved now
+        self.used: dict[int, int] = {}             # per layer, pinned bytes taken in this forward
+        if not store.simulate:
+            for index in self.offloaded:
+                store.reserve(("act", index), layer_capacity)
+        self.out_flight: list = []                 # (event, nbytes) of copies out not known to be done
+        self.layer_bytes: dict[int, int] = {}      # bytes offloaded per layer in this forward
+        self.handles: dict[int, list] = {}         # per layer, its saved tensors' handles
+        self.back: dict[int, int] = {}             # layer -> bytes brought back and not yet freed
+        self.kept_resident = 0
+        self.counters = {"tensors": 0, "bytes": 0, "waits_out": 0, "late": 0, "over_capacity": 0,
+                         "stayed_bytes": 0}
+        for index in self.offloaded:
+            self._wrap(index)
+        for index, layer in enumerate(layers):
+            layer.register_forward_pre_hook(functools.partial(self._before_forward, index))
+            layer.register_forward_hook(functools.partial(self._after_forward, index))
+
+    # forward
+    def _wrap(self, index: int) -> None:
+        layer = self.layers[index]
+        forward = layer.forward
+
+        def offloaded_forward(*args, **kwargs):
+            if not torch.is_grad_enabled() or speed.in_backward():
+                return forward(*args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, index), self._unpack):
+                return forward(*args, **kwargs)
+
+        layer.forward = offloaded_forward
+
+    def _before_forward(self, index: int, module, args) -> None:
+        if not torch.is_grad_enabled() or speed.in_backward():
+            return
+        if index == 0:  # a new forward: nothing of the last one is resident (its backward ran, or none will)
+            self.handles.clear(), self.back.clear(), self.layer_bytes.clear(), self.used.clear()
+            self.kept_resident = 0
+        if self.store.simulate:
+            return
+        layer = max(self.layer_bytes.values(), default=0)
+        allowed = self.pool - (self.kept_resident + (index in self.kept)) * layer
+        self.out_flight = [(event, n) for event, n in self.out_flight if not event.query()]
+        while self.out_flight and sum(n for _, n in self.out_flight) > allowed:
+            event, _ = self.out_flight.pop(0)
+            event.synchronize()
+            self.counters["waits_out"] += 1
+
+    def _after_forward(self, index: int, module, args, output) -> None:
+        if not torch.is_grad_enabled() or speed.in_backward():
+            return
+        self.kept_resident += index in self.kept
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(functools.partial(self._backward_starts, index))
+
+    def _pack(self, index: int, t: torch.Tensor):
+        if (isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)  # weights stay
+                or t.numel() * t.element_size() < self.store.min_bytes
+                or t.device != self.store.device and not self.store.simulate):
+            return t
+        handles = self.handles.setdefault(index, [])
+        for handle in handles:  # one tensor saved by several functions (q, k and v read one input) goes once;
+            if handle.saved() is t:  # by identity: a freed tensor's memory is soon another tensor's
+                return handle
+        saved, order = t, None
+        if not t.is_contiguous():  # a transposed view (attention's heads): its memory is a permuted dense tensor
+            order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+            t = t.permute(order)
+            if not t.is_contiguous():
+                self.counters["stayed_bytes"] += saved.numel() * saved.element_size()
+                return saved
+        nbytes = t.numel() * t.element_size()
+        host = None
+        if not self.store.simulate:
+            start = self.used.get(index, 0)
+            if start + nbytes > self.capacity:  # more than planned for: this one stays on the GPU
+                self.counters["over_capacity"] += 1
+                return saved
+            self.used[index] = start + (nbytes + 511) // 512 * 512
+            host = self.store.slabs[("act", index)][start:start + nbytes]
+        handle = _LayerHandle(("act", index, len(handles)), weakref.ref(saved), order)
+        self.store.put(handle.key, index, t, host=host)
+        handles.append(handle)
+        self.layer_bytes[index] = self.layer_bytes.get(index, 0) + nbytes
+        self.counters["tensors"] += 1
+        self.counters["bytes"] += nbytes
+        if not self.store.simulate:
+            self.out_flight.append((self.store.stream.record_event(), nbytes))
+        return handle
+
+    # backward
+    def _unpack(self, handle):
+        if not isinstance(handle, _LayerHandle):
+            return handle
+        if handle.value is None:
+            entry = self.store.entries.pop(handle.key)
+            if self.store.simulate:
+                handle.value = entry.host
+            else:
+                if entry.gpu is None:
+                    self.counters["late"] += 1
+                    self.store._bring_back(entry)
+                torch.cuda.current_stream(self.store.device).wait_event(entry.h2d)
+                handle.value = entry.gpu
+            if handle.order is not None:
+                handle.value = handle.value.permute([handle.order.index(d) for d in range(len(handle.order))])
+        return handle.value
+
+    def _backward_starts(self, index: int, grad) -> None:
+        """Layer `index`'s backward begins: the layers above it are done (their memory is free again)."""
+        for done in [i for i in self.back if i > index]:
+            self._release(done)
+        if index == 0:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._release(0))
+        self.kept_resident = sum(1 for i in self.kept if i <= index)
+        if self.store.simulate:
+            return
+        layer = max(self.layer_bytes.values(), default=0)
+        for candidate in reversed(self.offloaded):
+            if candidate > index or candidate in self.back:
+                continue
+            used = self.kept_resident * layer + sum(self.back.values())
+            if candidate != index and used + self.layer_bytes.get(candidate, 0) > self.pool:
+                break
+            for handle in self.handles.get(candidate, ()):
+                entry = self.store.entries.get(handle.key)
+                if entry is not None:
+                    self.store._bring_back(entry)
+            self.back[candidate] = self.layer_bytes.get(candidate, 0)
+
+
+    def _release(self, index: int) -> None:
+        self.back.pop(index, None)
+        for handle in self.handles.pop(index, ()):
+            handle.value = None
+
+
+class _LayerHandle:
+    __slots__ = ("key", "saved", "order", "value")
+
+    def __init__(self, key, saved, order=None):
+        self.key, self.saved, self.order, self.value = key, saved, order, None
+
+
+def offload_layers(model, offloaded: list[int], kept: list[int], tokens: int, *, simulate: bool = False
+                   ) -> LayerOffload:
+    """LayerOffload on a (PEFT-wrapped) model's decoder layers; the pool is what the kept layers' activations
+    take at `tokens` tokens a micro-batch (job.speed's estimate)."""
+    hf = _hf_model(model)
+    layers = _decoder_layers(hf)
+    store = Offloader(next(layers[0].parameters()).device, simulate=simulate)
+    shape = speed.Shape.of(hf.config)
+    layer = tokens * speed.activation_bytes(shape, speed.Levers(attn_implementation=speed.VARLEN, liger=True), 0.0)
+    started = time.time()
+    mode = LayerOffload(layers, offloaded, kept, store, len(kept) * layer, int(layer * 1.1))
+    if store.cuda and not simulate:
+        log.info("layers offloaded: %d, %.1f GiB of pinned CPU memory in %.1fs", len(offloaded),
+                 store.pinned_bytes / GiB, time.time() - started)
+    hf._layer_offload = mode
     return mode
 
 

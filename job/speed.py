@@ -179,6 +179,7 @@ class Levers:
     dequant_cache: bool = False
     checkpointing: str = "none"       # none | partial | full | offload
     checkpoint_layers: int = 0        # decoder layers recomputed in backward
+    offloaded_layers: int = 0         # decoder layers (the first ones) whose activations go to CPU memory instead
     micro_batch_size: int = 1
     grad_accum: int = 1
     offload_embeddings: bool = False  # the input embedding table in CPU memory
@@ -296,7 +297,8 @@ def estimate_gib(shape: Shape, s: Settings, levers: Levers, tokens: int) -> floa
         static += shape.linear_params * 2
     layers = shape.layers
     recomputed = levers.checkpoint_layers if levers.checkpointing != "none" else 0
-    per_token = (layers - recomputed) * activation_bytes(shape, levers, s.lora_dropout)
+    # offloaded layers take GPU memory only in flight, within what the kept layers use at other times
+    per_token = (layers - recomputed - levers.offloaded_layers) * activation_bytes(shape, levers, s.lora_dropout)
     if levers.checkpointing != "offload":
         per_token += recomputed * 2 * shape.hidden   # each recomputed layer keeps its input
     if recomputed:
@@ -309,6 +311,11 @@ def usable_gib(budget: float) -> float:
     """What a plan may take of a budget: a margin for fragmentation and for the estimate's own error (the
     memory anchors in tests/test_speed.py: within -3% .. +10% of measured peaks)."""
     return budget - max(0.25, 0.07 * budget)
+
+
+def offloadable_layers(recomputed: int, layers: int) -> int:
+    """How many of a partial plan's recomputed layers auto offloads instead (job.longctx.LayerOffload)."""
+    return 0
 
 
 def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False,
@@ -469,6 +476,16 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
                  "offload_head"):
         setattr(lv, name, getattr(plan, name))
 
+    # the first recomputed layers' activations to pinned CPU memory instead: their copies out and back overlap the
+    # recomputed layers' forward and backward, within the GPU memory the kept layers use at other times
+    lv.offloaded_layers = 0
+    if lv.checkpointing == "partial" and s.offload_layers != 0:
+        wanted = s.offload_layers if s.offload_layers > 0 else offloadable_layers(lv.checkpoint_layers, layers)
+        lv.offloaded_layers = min(wanted, lv.checkpoint_layers)
+        lv.checkpoint_layers -= lv.offloaded_layers
+        if lv.checkpoint_layers == 0:
+            lv.checkpointing = "none"
+
     # the 16-bit weight cache: two dequantizations per layer and step fewer, on the host and on the GPU (+6% on an
     # H100, docs/performance.md run 9), for a copy of every adapted weight (13 GiB for 8B): auto takes it only
     # where nothing is recomputed and the copy still fits, since memory given to activations pays more
@@ -481,6 +498,12 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     lv.estimated_peak_gib = round(estimate_gib(shape, s, lv, tokens), 1)
 
     where = f"{device.budget_gib:.1f} GiB {'cap' if device.capped else 'free'}"
+    why["offloaded_layers"] = (
+        f"the first {lv.offloaded_layers} layers' activations go to pinned CPU memory in the forward and come back "
+        "in the backward instead of being recomputed" if lv.offloaded_layers else
+        "forced off by OFFLOAD_LAYERS=0" if s.offload_layers == 0 else
+        "none: only where layers are recomputed and some are kept (a partial plan)" if lv.checkpointing != "partial"
+        else "none: PCIe would not keep up")
     if forced != "auto":
         why["checkpointing"] = "forced by GRADIENT_CHECKPOINTING"
     elif lv.checkpointing == "none":
@@ -1257,11 +1280,13 @@ def prepare_base(model, levers: Levers) -> None:
     if levers.offload_embeddings:
         offload_embeddings(model, head=levers.offload_head)
     if levers.checkpointing == "partial":
-        _select_checkpointed_layers(model, levers.checkpoint_layers)
+        _select_checkpointed_layers(model, levers.checkpoint_layers, levers.offloaded_layers)
 
 
-def _select_checkpointed_layers(model, count: int) -> None:
-    """After the Trainer turns checkpointing on for every layer, leave it on for `count` layers spread evenly."""
+def _select_checkpointed_layers(model, count: int, offloaded: int = 0) -> None:
+    """After the Trainer turns checkpointing on for every layer, leave it on for `count` layers: spread evenly, or,
+    with layers offloaded, right after them (the offloaded layers first, the kept ones last, see
+    job.longctx.LayerOffload)."""
     original = model.activation_checkpointing_enable
 
     def enable(*args, **kwargs):
@@ -1270,7 +1295,8 @@ def _select_checkpointed_layers(model, count: int) -> None:
 
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for index, layer in enumerate(layers):
-            layer.gradient_checkpointing = (index + 1) * count // len(layers) > index * count // len(layers)
+            layer.gradient_checkpointing = (offloaded <= index < offloaded + count if offloaded else
+                                            (index + 1) * count // len(layers) > index * count // len(layers))
 
     model.activation_checkpointing_enable = enable
 
@@ -1289,6 +1315,14 @@ def prepare_adapted(model, levers: Levers) -> dict:
         from job import longctx
 
         done["checkpoints_offloaded"] = longctx.offload_checkpoints(model, levers.tokens).store.device.type
+    if levers.offloaded_layers:
+        from job import longctx
+
+        first_kept = levers.offloaded_layers + levers.checkpoint_layers
+        layers = Shape.of(backbone(model).config).layers
+        longctx.offload_layers(model, list(range(levers.offloaded_layers)), list(range(first_kept, layers)),
+                               levers.tokens)
+        done["offloaded_layers"] = levers.offloaded_layers
     if levers.dequant_cache:
         done["dequant_cache_gib"] = round(install_dequant_cache(model), 2)
     return done

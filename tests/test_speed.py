@@ -349,6 +349,74 @@ def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, m
         assert (grad - recomputed_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
 
 
+def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model):
+    """OFFLOAD_LAYERS: the first layers' saved tensors go to (here simulated) CPU memory and come back for the
+    backward; the layout is offloaded, recomputed, kept; loss and gradients are those of keeping everything, over
+    two micro-steps, and nothing of a micro-step is held after its backward; an eval forward offloads nothing."""
+    from peft import get_peft_model
+
+    ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for levers in (speed.Levers(lora_kernel=True),
+                   speed.Levers(lora_kernel=True, checkpointing="partial", checkpoint_layers=1, offloaded_layers=1,
+                                tokens=40)):
+        base = model.load_model(quiet, str(tiny_model))
+        speed.prepare_base(base, levers)
+        torch.manual_seed(3)
+        lm = get_peft_model(base, model.lora_config(quiet, base))
+        installed = speed.prepare_adapted(lm, levers)
+        offload = getattr(base, "_layer_offload", None)
+        assert (offload is not None) == bool(levers.offloaded_layers) == ("offloaded_layers" in installed)
+        if levers.checkpointing != "none":
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert [layer.gradient_checkpointing for layer in base.model.layers] == [False, True, False, False]
+        lm.train()
+        for _ in range(2):
+            out = lm(input_ids=ids, labels=ids)
+            if offload is not None:
+                assert set(offload.layer_bytes) == {0} and offload.store.entries
+            out.loss.backward()
+            if offload is not None:
+                assert not offload.handles and not offload.store.entries  # all brought back, all released
+        results.append((out.loss.detach(), grads(lm)))
+        if offload is not None:
+            packed = offload.counters["tensors"]
+            lm.eval()
+            with torch.no_grad():
+                lm(input_ids=ids)
+            assert offload.counters["tensors"] == packed and not offload.store.entries
+    (plain_loss, plain_grads), (loss, offloaded_grads) = results
+    assert torch.allclose(plain_loss, loss)
+    for name, grad in plain_grads.items():
+        assert (grad - offloaded_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
+
+
+def test_a_tensor_saved_twice_in_a_layer_is_offloaded_once():
+    """q, k and v's projections save one input: it crosses PCIe once, and every unpack returns the same data; a
+    transposed view goes as the dense tensor under it and comes back with its strides."""
+    from job import longctx
+
+    store = longctx.Offloader(torch.device("cpu"), simulate=True)
+
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            x = x * 2  # an activation (the layer's input itself is not saved by a linear)
+            return self.q(x) + self.k(x) + self.v(x), torch.mm(self.q.weight, x.t())  # and a transposed one
+
+    three = Three()
+    mode = longctx.LayerOffload([three], [0], [], store, pool_bytes=0)
+    x = torch.randn(4, 8, requires_grad=True)
+    out, transposed = three(x)
+    (out.sum() + (transposed * torch.arange(4.0)).sum()).backward()
+    expected = (three.q.weight + three.k.weight + three.v.weight).sum(0) * 2
+    expected = expected + 2 * torch.arange(4.0)[:, None] * three.q.weight.sum(0)
+    assert mode.counters["tensors"] == 2 and torch.allclose(x.grad, expected, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- loss curves
 
 def curve(s, tiny_model, tokenizer, fast: bool, steps: int) -> list[float]:

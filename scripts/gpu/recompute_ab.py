@@ -13,11 +13,13 @@
     syncs, copies  (as the second argument) uncapped, ABBA: the job and the job before that lever; the job with
               both off (the product before run 17); stock's best recipe; then the two under each cap. The phases print
               their wall-clock start and end, to line up with an nvidia-smi sampler
+    layers    (with `layers` as the second argument) under each cap: the job with OFFLOAD_LAYERS at 0 and more
+              (the offloader's counters with each), stock's fastest recipe there; pinned copy rates first
     rows      (with `rows` as the second argument) under each cap: the job at its 4 rows a step, the job told to train
               8 rows a step (GRAD_ACCUM=2), and stock's fastest recipe there, which trains 8 (batch 8, recompute)
 
 The "before" side is the previous code path, restored for one phase by patching this process only.
-Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|syncs|copies|rows] > ab.jsonl   (one JSON line per phase)
+Usage: python3 scripts/gpu/recompute_ab.py CAP[,CAP...] [alloc|host|syncs|copies|rows|layers] > ab.jsonl   (one JSON line per phase)
 """
 
 from __future__ import annotations
@@ -122,12 +124,68 @@ def host_ab(nf4_dir, rows, caps, lever: str) -> None:
         timed(bench.Phase(f"job@{cap:g} before {lever}", "job", cap_gib=cap), previous(lever))
 
 
+def pcie_gbps(gib: float = 1.0) -> dict:
+    """Pinned host <-> GPU copy rates, one direction at a time and both at once (GB/s)."""
+    import torch
+
+    n = int(gib * 2**30)
+    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    gpu = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    rates = {}
+    for name, copies in (("d2h", [(0, "out")]), ("h2d", [(0, "in")]), ("both", [(0, "out"), (1, "in")])):
+        torch.cuda.synchronize()
+        started = time.time()
+        for _ in range(3):
+            for (i, way), stream in zip(copies, streams):
+                with torch.cuda.stream(stream):
+                    (host[i].copy_(gpu[i], non_blocking=True) if way == "out" else
+                     gpu[i].copy_(host[i], non_blocking=True))
+        torch.cuda.synchronize()
+        rates[name] = round(3 * n / (time.time() - started) / 1e9, 1)
+    return rates
+
+
+def layers_ab(nf4_dir, rows, caps) -> None:
+    """OFFLOAD_LAYERS under each cap (the first recomputed layers' activations to pinned CPU memory instead), the
+    job's plan before and after, stock's fastest recipe there; the offloader's counters per phase."""
+    modes = []
+    original = longctx.offload_layers
+
+    def capture(*args, **kwargs):
+        modes.append(original(*args, **kwargs))
+        return modes[-1]
+
+    longctx.offload_layers = capture
+    print(json.dumps({"pcie_gbps": pcie_gbps()}), flush=True)
+    opts = bench.Options(warmup=3, steps=8)
+    bench.run_phase(bench.Phase("warm", "job"), nf4_dir, rows, bench.Options(warmup=1, steps=2))
+    counts = {16: (0, 4, 8, 12, 0), 24: (0, 8)}
+    for cap in caps:
+        for count in counts.get(int(cap), (0, 4)):
+            before = len(modes)
+            phase = bench.Phase(f"job@{cap:g} offload {count}", "job", overrides={"offload_layers": str(count)},
+                                cap_gib=cap)
+            result = dataclasses.asdict(bench.run_phase(phase, nf4_dir, rows, opts))
+            if len(modes) > before:
+                mode = modes[-1]
+                result["offload"] = {**mode.counters, "pinned_gib": round(mode.store.pinned_bytes / 2**30, 2),
+                                     "pin_s": round(mode.store.pin_seconds, 1), "pool_gib": round(mode.pool / 2**30, 2),
+                                     "layer_gib": round(max(mode.layer_bytes.values(), default=0) / 2**30, 3)}
+            print(json.dumps(result), flush=True)
+        result = bench.run_phase(bench.Phase(f"stock@{cap:g}", "stock", bench.Stock(recompute=True, batch=8),
+                                             cap_gib=cap), nf4_dir, rows, opts)
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
+
+
 def main(caps: list[float], mode: str = "levers") -> None:
     _, nf4_dir = bench.build_model("llama-3-8b", Path("/tmp/job-bench"))
     rows = bench.make_rows(3000, 128256, 2048)
     opts = bench.Options(warmup=3, steps=8)
     if mode in ("syncs", "copies"):
         return host_ab(nf4_dir, rows, caps, mode)
+    if mode == "layers":
+        return layers_ab(nf4_dir, rows, caps)
     if mode == "rows":
         for cap in caps:
             for phase in (bench.Phase(f"job@{cap:g}", "job", cap_gib=cap),
