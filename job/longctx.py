@@ -865,6 +865,7 @@ class LayerOffload:
         self.pool = pool_bytes
         self.capacity = layer_capacity             # pinned bytes per offloaded layer, reserved now
         self.used: dict[int, int] = {}             # per layer, pinned bytes taken in this forward
+        self.wanted = 0                            # the most pinned bytes a layer needed, when over capacity
         if not store.simulate:
             for index in self.offloaded:
                 store.reserve(("act", index), layer_capacity)
@@ -900,6 +901,8 @@ class LayerOffload:
         if index == 0:  # a new forward: nothing of the last one is resident (its backward ran, or none will)
             self.handles.clear(), self.back.clear(), self.layer_bytes.clear(), self.used.clear()
             self.kept_resident = 0
+            if self.wanted > self.capacity and not self.store.simulate:
+                self._grow(self.wanted)
         if self.store.simulate:
             return
         layer = max(self.layer_bytes.values(), default=0)
@@ -938,8 +941,9 @@ class LayerOffload:
         host = None
         if not self.store.simulate:
             start = self.used.get(index, 0)
-            if start + nbytes > self.capacity:  # more than planned for: this one stays on the GPU
+            if start + nbytes > self.capacity:  # more than planned for: stays on the GPU this step, fits the next
                 self.counters["over_capacity"] += 1
+                self.wanted = max(self.wanted, start + nbytes)
                 return saved
             self.used[index] = start + (nbytes + 511) // 512 * 512
             host = self.store.slabs[("act", index)][start:start + nbytes]
@@ -952,6 +956,14 @@ class LayerOffload:
         if not self.store.simulate:
             self.out_flight.append((self.store.stream.record_event(), nbytes))
         return handle
+
+    def _grow(self, wanted: int) -> None:
+        """Pin larger buffers once, between steps, when a layer saved more than the estimate planned for."""
+        self.capacity = int(wanted * 1.05)
+        for index in self.offloaded:
+            self.store.reserve(("act", index), self.capacity)
+        log.info("layer offload: %.2f GiB of pinned memory per layer (a layer saved more than planned)",
+                 self.capacity / GiB)
 
     # backward
     def _unpack(self, handle):
@@ -978,8 +990,6 @@ class LayerOffload:
         if index == 0:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._release(0))
         self.kept_resident = sum(1 for i in self.kept if i <= index)
-        if self.store.simulate:
-            return
         layer = max(self.layer_bytes.values(), default=0)
         for candidate in reversed(self.offloaded):
             if candidate > index or candidate in self.back:
@@ -992,7 +1002,6 @@ class LayerOffload:
                 if entry is not None:
                     self.store._bring_back(entry)
             self.back[candidate] = self.layer_bytes.get(candidate, 0)
-
 
     def _release(self, index: int) -> None:
         self.back.pop(index, None)
@@ -1017,7 +1026,8 @@ def offload_layers(model, offloaded: list[int], kept: list[int], tokens: int, *,
     shape = speed.Shape.of(hf.config)
     layer = tokens * speed.activation_bytes(shape, speed.Levers(attn_implementation=speed.VARLEN, liger=True), 0.0)
     started = time.time()
-    mode = LayerOffload(layers, offloaded, kept, store, len(kept) * layer, int(layer * 1.1))
+    # pinned room per layer: the estimate undercounts what the fused path saves (1.23x for Llama-3-8B on an H100)
+    mode = LayerOffload(layers, offloaded, kept, store, len(kept) * layer, int(layer * 1.3))
     if store.cuda and not simulate:
         log.info("layers offloaded: %d, %.1f GiB of pinned CPU memory in %.1fs", len(offloaded),
                  store.pinned_bytes / GiB, time.time() - started)

@@ -314,8 +314,11 @@ def usable_gib(budget: float) -> float:
 
 
 def offloadable_layers(recomputed: int, layers: int) -> int:
-    """How many of a partial plan's recomputed layers auto offloads instead (job.longctx.LayerOffload)."""
-    return 0
+    """How many of a partial plan's recomputed layers auto offloads instead (job.longctx.LayerOffload): no more
+    than the kept layers, whose memory the copies pass through (more would wait for copies back in the backward),
+    nor than a quarter of all layers (a layer's copy over PCIe takes ~4x its forward on an H100: more would wait
+    for copies out in the forward)."""
+    return min(recomputed, layers - recomputed, layers // 4)
 
 
 def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False,

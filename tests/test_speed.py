@@ -84,6 +84,30 @@ def test_every_cap_gets_a_plan_that_fits(llama3, cap):
     assert "memory" not in levers.reasons  # no "nothing fits" warning
 
 
+@pytest.mark.parametrize("cap, recomputed, offloaded", [(24.0, 14, 8), (16.0, 24, 4)])
+def test_capped_plans_offload_layers_instead_of_recomputing_them(llama3, cap, recomputed, offloaded):
+    """Under a cap the first layers' activations go to CPU memory instead of being recomputed: no more of them
+    than the kept layers (their memory holds the copies in flight) nor than a quarter of all layers (PCIe time)."""
+    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+    assert (levers.checkpointing, levers.checkpoint_layers, levers.offloaded_layers) == ("partial", recomputed,
+                                                                                         offloaded)
+    kept = 32 - recomputed - offloaded
+    assert offloaded <= kept and levers.estimated_peak_gib <= speed.usable_gib(cap)
+    assert "pinned CPU memory" in levers.reasons["offloaded_layers"]
+    never = speed.choose(settings(offload_layers=0), llama3, h100(cap), GPU_CAPS)
+    assert (never.checkpoint_layers, never.offloaded_layers) == (recomputed + offloaded, 0)
+    assert "OFFLOAD_LAYERS=0" in never.reasons["offloaded_layers"]
+    every = speed.choose(settings(offload_layers=32), llama3, h100(cap), GPU_CAPS)  # at most those recomputed
+    assert (every.checkpointing, every.offloaded_layers) == ("none", recomputed + offloaded)
+
+
+@pytest.mark.parametrize("cap", [79.0, 12.0, 8.0])
+def test_layers_are_offloaded_only_beside_kept_ones(llama3, cap):
+    """Nothing recomputed (the whole card), or nothing kept (every layer recomputed): no layer offload."""
+    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+    assert levers.offloaded_layers == 0 and levers.checkpointing in ("none", "full", "offload")
+
+
 @pytest.mark.parametrize("cap, head", [(8.0, False), (5.0, True)])
 def test_tight_caps_move_the_embeddings_to_cpu_memory(llama3, cap, head):
     """At 8 GiB the input table (1 GiB, a row gather a step) buys a bigger micro-batch and the output layer stays
@@ -147,6 +171,7 @@ def test_memory_estimates_match_the_h100_measurements(llama3):
         (dataclasses.replace(fused, dropout_in_kernel=False, checkpointing="full", checkpoint_layers=32), s, 8185, 10.2),
         (dataclasses.replace(fused, checkpointing="partial", checkpoint_layers=22), s, 8179, 21.6),
         (dataclasses.replace(fused, checkpointing="partial", checkpoint_layers=28), s, 8179, 14.7),
+        (dataclasses.replace(fused, checkpointing="partial", checkpoint_layers=24, offloaded_layers=4), s, 8179, 13.9),
         (offloaded, s, 8179, 6.2),
         (offloaded, s, 2048, 4.4),
         (fused, s, 2048, 15.6),
@@ -349,7 +374,8 @@ def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, m
         assert (grad - recomputed_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
 
 
-def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model):
+@pytest.mark.parametrize("checkpointing, recomputed, offloaded", [("partial", 1, 1), ("none", 0, 2)])
+def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model, checkpointing, recomputed, offloaded):
     """OFFLOAD_LAYERS: the first layers' saved tensors go to (here simulated) CPU memory and come back for the
     backward; the layout is offloaded, recomputed, kept; loss and gradients are those of keeping everything, over
     two micro-steps, and nothing of a micro-step is held after its backward; an eval forward offloads nothing."""
@@ -358,8 +384,8 @@ def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model):
     ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
     results = []
     for levers in (speed.Levers(lora_kernel=True),
-                   speed.Levers(lora_kernel=True, checkpointing="partial", checkpoint_layers=1, offloaded_layers=1,
-                                tokens=40)):
+                   speed.Levers(lora_kernel=True, checkpointing=checkpointing, checkpoint_layers=recomputed,
+                                offloaded_layers=offloaded, tokens=40)):
         base = model.load_model(quiet, str(tiny_model))
         speed.prepare_base(base, levers)
         torch.manual_seed(3)
@@ -374,7 +400,7 @@ def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model):
         for _ in range(2):
             out = lm(input_ids=ids, labels=ids)
             if offload is not None:
-                assert set(offload.layer_bytes) == {0} and offload.store.entries
+                assert set(offload.layer_bytes) == set(range(offloaded)) and offload.store.entries
             out.loss.backward()
             if offload is not None:
                 assert not offload.handles and not offload.store.entries  # all brought back, all released
