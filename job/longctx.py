@@ -847,9 +847,10 @@ def offload_checkpoints(model, tokens: int, *, simulate: bool = False) -> LongCo
 
 
 class LayerOffload:
-    """Whole decoder layers' saved tensors in pinned CPU memory instead of recomputed (job.speed's partial plan
-    under a cap, `OFFLOAD_LAYERS`): the first layers' activations go out on a side stream during the forward and
-    come back during the backward of the recomputed layers after them, so PCIe time replaces recompute time.
+    """Whole decoder layers' saved tensors in pinned CPU memory instead of recomputed (`OFFLOAD_LAYERS`, where
+    job.speed's plan recomputes some layers and keeps others): the first layers' activations go out on a side
+    stream during the forward and come back during the backward of the layers after them, so PCIe time replaces
+    recompute time (+8.4% at a 16 GiB cap on an H100, docs/performance.md run 20).
 
     The copies in flight and the copies brought back share one GPU pool with the kept (last, neither recomputed
     nor offloaded) layers, whose activations exist only between their forward and their backward: `pool` bytes
