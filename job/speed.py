@@ -505,15 +505,18 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         f"the first {lv.offloaded_layers} layers' activations go to pinned CPU memory in the forward and come back "
         "in the backward instead of being recomputed" if lv.offloaded_layers else
         "forced off by OFFLOAD_LAYERS=0" if s.offload_layers == 0 else
-        "none: only where layers are recomputed and some are kept (a partial plan)" if lv.checkpointing != "partial"
-        else "none: PCIe would not keep up")
+        "none: only where a plan recomputes some layers and keeps others" if lv.checkpointing != "partial"
+        else "none: min(recomputed, kept, layers / 4) is 0")
+    not_kept = lv.checkpoint_layers + lv.offloaded_layers
     if forced != "auto":
         why["checkpointing"] = "forced by GRADIENT_CHECKPOINTING"
-    elif lv.checkpointing == "none":
+    elif not_kept == 0:
         why["checkpointing"] = f"everything fits in {where}: nothing is recomputed"
-    elif lv.checkpointing == "partial":
-        why["checkpointing"] = (f"{lv.checkpoint_layers} of {layers} layers recomputed: the fewest that fit "
-                                f"{lv.micro_batch_size} x {s.max_length} tokens in {where}")
+    elif lv.checkpointing in ("partial", "none"):
+        why["checkpointing"] = (f"{lv.checkpoint_layers} of {layers} layers recomputed"
+                                + (f" and {lv.offloaded_layers} offloaded" if lv.offloaded_layers else "")
+                                + f": the fewest not kept that fit {lv.micro_batch_size} x {s.max_length} tokens "
+                                f"in {where}")
     elif lv.checkpointing == "full":
         why["checkpointing"] = f"every layer recomputed to fit {where}"
     else:
