@@ -122,7 +122,9 @@ class Settings:
                                       choices=("auto", "true", "false"), group="speed", identity=False)
     offload_layers: int = setting(-1, "Decoder layers whose activations go to pinned CPU memory during the forward "
                                   "and come back for the backward, instead of being recomputed; only where some "
-                                  "layers are recomputed (under a memory cap). -1 lets auto choose, 0 never.",
+                                  "layers are recomputed and others kept (under a memory cap). -1 lets auto choose "
+                                  "(at most the kept layers, a quarter of all, and what half the free CPU memory "
+                                  "holds), 0 never.",
                                   group="speed", identity=False)
     gpu_memory_gib: float = setting(0.0, "Cap on the GPU memory the job may use, in GiB, as on a smaller card; "
                                     "0 means the card's free memory. The speed choice plans within it.",

@@ -91,12 +91,6 @@ def micro_batch_tokens(s, stats: dict | None, micro_batch_size: int | None = Non
     return rows * longest
 
 
-def host_budget_gib() -> float:
-    import psutil
-
-    return psutil.virtual_memory().available / GiB
-
-
 def decide(s, tokens: int, cuda: bool) -> tuple[bool | None, str]:
     """On or off from the settings and the micro-batch's tokens alone; None when only the plain path's memory
     estimate can tell (job.speed asks this before it plans, `plan` after)."""
@@ -117,7 +111,7 @@ def plan(s, shape, device, stats: dict | None = None, *, levers=None, host_gib: 
          config=None) -> Plan:
     """Whether the mode is on, and what a step needs in it: GPU and CPU memory, the longest that fits."""
     tokens = micro_batch_tokens(s, stats, getattr(levers, "micro_batch_size", None))
-    host = host_budget_gib() if host_gib is None else host_gib
+    host = speed.host_budget_gib() if host_gib is None else host_gib
     cuda = getattr(device, "cuda", False)
     on, why = decide(s, tokens, cuda)
     if on is None and levers is not None and levers.estimated_peak_gib > speed.usable_gib(device.budget_gib):
@@ -1027,8 +1021,7 @@ def offload_layers(model, offloaded: list[int], kept: list[int], tokens: int, *,
     shape = speed.Shape.of(hf.config)
     layer = tokens * speed.activation_bytes(shape, speed.Levers(attn_implementation=speed.VARLEN, liger=True), 0.0)
     started = time.time()
-    # pinned room per layer: the estimate undercounts what the fused path saves (1.23x for Llama-3-8B on an H100)
-    mode = LayerOffload(layers, offloaded, kept, store, len(kept) * layer, int(layer * 1.3))
+    mode = LayerOffload(layers, offloaded, kept, store, len(kept) * layer, speed.pinned_layer_bytes(shape, tokens))
     if store.cuda and not simulate:
         log.info("layers offloaded: %d, %.1f GiB of pinned CPU memory in %.1fs", len(offloaded),
                  store.pinned_bytes / GiB, time.time() - started)

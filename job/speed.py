@@ -70,6 +70,8 @@ RECOMPUTE_CPU = 0.33      # ... and extra host time (its forward is dispatched a
 OFFLOAD_COST = 0.25       # checkpoints to pinned CPU memory and back, per token
 HEAD_STREAM_TOKENS = 1000  # the output layer over PCIe twice a micro-step (2 x 1 GiB at ~25 GB/s)
 INPUT_GATHER_TOKENS = 300  # the input rows gathered and pinned on the CPU before the GPU starts (~64 MiB, ~25 ms)
+OFFLOAD_HOST_SHARE = 0.5  # of the CPU memory left to this process, what offloaded layers may pin (the rest: data,
+                          # checkpoint writes, the merge's 16-bit model, later)
 
 
 # --------------------------------------------------------------------------------------------- the device
@@ -83,6 +85,7 @@ class Device:
     budget_gib: float = 0.0           # what the job may use: the free memory, or GPU_MEMORY_GIB when lower
     capped: bool = False
     peak_tflops: float = 0.0
+    host_gib: float = math.inf        # CPU memory this process may still take (pinned buffers come out of it)
 
     @property
     def cuda(self) -> bool:
@@ -104,7 +107,32 @@ def probe(limit_gib: float = 0.0) -> Device:
     budget = free / GiB
     capped = bool(limit_gib) and limit_gib < budget
     return Device("cuda", props.name, (props.major, props.minor), round(total / GiB, 2),
-                  round(min(budget, limit_gib) if capped else budget, 2), capped, peak_tflops(props.name))
+                  round(min(budget, limit_gib) if capped else budget, 2), capped, peak_tflops(props.name),
+                  round(host_budget_gib(), 1))
+
+
+# cgroup v2, then v1: (limit, usage) files of the container this process runs in
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def host_budget_gib() -> float:
+    """CPU memory this process may still take: what the machine has available, or what is left under the
+    container's limit when lower (psutil reads /proc/meminfo, which shows a Kubernetes pod the whole node), shared
+    by the training processes of this node (LOCAL_WORLD_SIZE)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    for limit_file, usage_file in CGROUP_MEMORY:
+        try:
+            limit = open(limit_file).read().strip()
+            usage = int(open(usage_file).read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # v2 writes "max" when there is no limit
+            available = min(available, int(limit) - usage)
+        break
+    return max(0, available) / GiB / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def apply_memory_cap(device: Device) -> None:
@@ -313,12 +341,19 @@ def usable_gib(budget: float) -> float:
     return budget - max(0.25, 0.07 * budget)
 
 
-def offloadable_layers(recomputed: int, layers: int) -> int:
+def offloadable_layers(recomputed: int, layers: int, pinned_per_layer: float, host_gib: float) -> int:
     """How many of a partial plan's recomputed layers auto offloads instead (job.longctx.LayerOffload): no more
     than the kept layers, whose memory the copies pass through (more would wait for copies back in the backward),
     nor than a quarter of all layers (a layer's copy over PCIe takes ~4x its forward on an H100: more would wait
-    for copies out in the forward)."""
-    return min(recomputed, layers - recomputed, layers // 4)
+    for copies out in the forward), nor than half the CPU memory left to this process holds."""
+    by_host = int(host_gib * OFFLOAD_HOST_SHARE * GiB // pinned_per_layer) if math.isfinite(host_gib) else layers
+    return max(0, min(recomputed, layers - recomputed, layers // 4, by_host))
+
+
+def pinned_layer_bytes(shape: Shape, tokens: int) -> int:
+    """Pinned CPU memory reserved per offloaded layer: the activation estimate undercounts what the fused path
+    saves (1.23x for Llama-3-8B on an H100, docs/performance.md run 20)."""
+    return int(tokens * activation_bytes(shape, Levers(attn_implementation=VARLEN, liger=True), 0.0) * 1.3)
 
 
 def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False,
@@ -483,7 +518,8 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     # recomputed layers' forward and backward, within the GPU memory the kept layers use at other times
     lv.offloaded_layers = 0
     if lv.checkpointing == "partial" and s.offload_layers != 0:
-        wanted = s.offload_layers if s.offload_layers > 0 else offloadable_layers(lv.checkpoint_layers, layers)
+        wanted = s.offload_layers if s.offload_layers > 0 else offloadable_layers(
+            lv.checkpoint_layers, layers, pinned_layer_bytes(shape, tokens), device.host_gib)
         lv.offloaded_layers = min(wanted, lv.checkpoint_layers)
         lv.checkpoint_layers -= lv.offloaded_layers
         if lv.checkpoint_layers == 0:
@@ -503,10 +539,11 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     where = f"{device.budget_gib:.1f} GiB {'cap' if device.capped else 'free'}"
     why["offloaded_layers"] = (
         f"the first {lv.offloaded_layers} layers' activations go to pinned CPU memory in the forward and come back "
-        "in the backward instead of being recomputed" if lv.offloaded_layers else
+        f"in the backward instead of being recomputed (~{lv.offloaded_layers * pinned_layer_bytes(shape, tokens) / GiB:.0f}"
+        " GiB of CPU memory)" if lv.offloaded_layers else
         "forced off by OFFLOAD_LAYERS=0" if s.offload_layers == 0 else
         "none: only where a plan recomputes some layers and keeps others" if lv.checkpointing != "partial"
-        else "none: min(recomputed, kept, layers / 4) is 0")
+        else "none: min(recomputed, kept, layers / 4, what half the free CPU memory holds) is 0")
     not_kept = lv.checkpoint_layers + lv.offloaded_layers
     if forced != "auto":
         why["checkpointing"] = "forced by GRADIENT_CHECKPOINTING"

@@ -101,6 +101,33 @@ def test_capped_plans_offload_layers_instead_of_recomputing_them(llama3, cap, re
     assert (every.checkpointing, every.offloaded_layers) == ("none", recomputed + offloaded)
 
 
+def test_offloaded_layers_fit_half_the_cpu_memory_left(llama3):
+    """Each offloaded layer pins ~1.5 GiB of CPU memory (Llama-3-8B, 8192 tokens): a pod with 10 GiB to spare gets
+    3 at 24 GiB instead of 8, and one with 1 GiB none; the layers not offloaded are recomputed."""
+    per_layer = speed.pinned_layer_bytes(llama3, 8192) / 2**30
+    assert 1.3 < per_layer < 1.7
+    for host, offloaded in ((10.0, int(5.0 // per_layer)), (1.0, 0)):
+        levers = speed.choose(settings(), llama3, dataclasses.replace(h100(24.0), host_gib=host), GPU_CAPS)
+        assert (levers.offloaded_layers, levers.checkpoint_layers) == (offloaded, 22 - offloaded)
+    assert "is 0" in levers.reasons["offloaded_layers"]
+
+
+def test_the_cpu_memory_left_is_the_containers(monkeypatch, tmp_path):
+    """Under a cgroup limit (a Kubernetes pod) the budget is the limit less what the container uses, shared by the
+    node's training processes; 'max' (no limit) leaves the machine's available memory."""
+    import psutil
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(speed, "CGROUP_MEMORY", ((str(limit), str(usage)),))
+    limit.write_text("max\n"), usage.write_text(str(2 * 2**30))
+    machine = psutil.virtual_memory().available / 2**30
+    assert speed.host_budget_gib() == pytest.approx(machine, rel=0.05)
+    limit.write_text(str(8 * 2**30))
+    assert speed.host_budget_gib() == pytest.approx(min(machine, 6.0), rel=0.05)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert speed.host_budget_gib() == pytest.approx(min(machine, 6.0) / 2, rel=0.05)
+
+
 @pytest.mark.parametrize("cap", [79.0, 12.0, 8.0])
 def test_layers_are_offloaded_only_beside_kept_ones(llama3, cap):
     """Nothing recomputed (the whole card), or nothing kept (every layer recomputed): no layer offload."""
