@@ -518,8 +518,9 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     # recomputed layers' forward and backward, within the GPU memory the kept layers use at other times
     lv.offloaded_layers = 0
     if lv.checkpointing == "partial" and s.offload_layers != 0:
-        wanted = s.offload_layers if s.offload_layers > 0 else offloadable_layers(
-            lv.checkpoint_layers, layers, pinned_layer_bytes(shape, tokens), device.host_gib)
+        wanted = (s.offload_layers if s.offload_layers > 0 else
+                  0 if s.strategy in SHARDED else  # gathered shards would look like activations: untested
+                  offloadable_layers(lv.checkpoint_layers, layers, pinned_layer_bytes(shape, tokens), device.host_gib))
         lv.offloaded_layers = min(wanted, lv.checkpoint_layers)
         lv.checkpoint_layers -= lv.offloaded_layers
         if lv.checkpoint_layers == 0:
@@ -542,7 +543,8 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         f"in the backward instead of being recomputed (~{lv.offloaded_layers * pinned_layer_bytes(shape, tokens) / GiB:.0f}"
         " GiB of CPU memory)" if lv.offloaded_layers else
         "forced off by OFFLOAD_LAYERS=0" if s.offload_layers == 0 else
-        "none: only where a plan recomputes some layers and keeps others" if lv.checkpointing != "partial"
+        "none: only where a plan recomputes some layers and keeps others" if lv.checkpointing != "partial" else
+        f"none: STRATEGY={s.strategy} gathers weight shards inside each layer (untested)" if s.strategy in SHARDED
         else "none: min(recomputed, kept, layers / 4, what half the free CPU memory holds) is 0")
     not_kept = lv.checkpoint_layers + lv.offloaded_layers
     if forced != "auto":

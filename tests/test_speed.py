@@ -543,3 +543,6 @@ def test_sharded_strategies_keep_the_levers_that_do_not_touch_the_weights(llama3
     assert not levers.lora_kernel and not levers.offload_embeddings and not levers.dequant_cache
     assert f"STRATEGY={strategy}" in levers.reasons["lora_kernel"]
     assert speed.choose(settings(strategy="ddp"), llama3, h100(8.0), GPU_CAPS).lora_kernel
+    sharded = speed.choose(settings(strategy=strategy), llama3, h100(24.0), GPU_CAPS)
+    assert sharded.checkpointing == "partial" and sharded.offloaded_layers == 0  # gathered shards stay on the GPU
+    assert f"STRATEGY={strategy}" in sharded.reasons["offloaded_layers"]
