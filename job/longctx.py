@@ -1011,17 +1011,17 @@ class _LayerHandle:
         self.key, self.saved, self.order, self.value = key, saved, order, None
 
 
-def offload_layers(model, offloaded: list[int], kept: list[int], tokens: int, *, simulate: bool = False
-                   ) -> LayerOffload:
-    """LayerOffload on a (PEFT-wrapped) model's decoder layers; the pool is what the kept layers' activations
-    take at `tokens` tokens a micro-batch (job.speed's estimate)."""
+def offload_layers(model, offloaded: int, recomputed: int, tokens: int, *, simulate: bool = False) -> LayerOffload:
+    """LayerOffload on a (PEFT-wrapped) model's decoder layers, laid out offloaded, recomputed, kept; the pool is
+    what the kept layers' activations take at `tokens` tokens a micro-batch (job.speed's estimate)."""
     hf = _hf_model(model)
     layers = _decoder_layers(hf)
+    kept = list(range(offloaded + recomputed, len(layers)))
     store = Offloader(next(layers[0].parameters()).device, simulate=simulate)
     shape = speed.Shape.of(hf.config)
-    layer = tokens * speed.activation_bytes(shape, speed.Levers(attn_implementation=speed.VARLEN, liger=True), 0.0)
     started = time.time()
-    mode = LayerOffload(layers, offloaded, kept, store, len(kept) * layer, speed.pinned_layer_bytes(shape, tokens))
+    mode = LayerOffload(layers, list(range(offloaded)), kept, store, len(kept) * speed.layer_bytes(shape, tokens),
+                        speed.pinned_layer_bytes(shape, tokens))
     if store.cuda and not simulate:
         log.info("layers offloaded: %d, %.1f GiB of pinned CPU memory in %.1fs", len(offloaded),
                  store.pinned_bytes / GiB, time.time() - started)

@@ -350,10 +350,15 @@ def offloadable_layers(recomputed: int, layers: int, pinned_per_layer: float, ho
     return max(0, min(recomputed, layers - recomputed, layers // 4, by_host))
 
 
+def layer_bytes(shape: Shape, tokens: int) -> float:
+    """What one decoder layer of the fused path saves for backward at `tokens` tokens, by the estimate."""
+    return tokens * activation_bytes(shape, Levers(attn_implementation=VARLEN, liger=True), 0.0)
+
+
 def pinned_layer_bytes(shape: Shape, tokens: int) -> int:
-    """Pinned CPU memory reserved per offloaded layer: the activation estimate undercounts what the fused path
-    saves (1.23x for Llama-3-8B on an H100, docs/performance.md run 20)."""
-    return int(tokens * activation_bytes(shape, Levers(attn_implementation=VARLEN, liger=True), 0.0) * 1.3)
+    """Pinned CPU memory reserved per offloaded layer: the estimate undercounts what the fused path saves (1.23x
+    for Llama-3-8B on an H100, docs/performance.md run 20)."""
+    return int(layer_bytes(shape, tokens) * 1.3)
 
 
 def step_cost(tokens: int, recomputed: int, layers: int, offload: bool = False, streamed_head: bool = False,
@@ -1363,10 +1368,7 @@ def prepare_adapted(model, levers: Levers) -> dict:
     if levers.offloaded_layers:
         from job import longctx
 
-        first_kept = levers.offloaded_layers + levers.checkpoint_layers
-        layers = Shape.of(backbone(model).config).layers
-        longctx.offload_layers(model, list(range(levers.offloaded_layers)), list(range(first_kept, layers)),
-                               levers.tokens)
+        longctx.offload_layers(model, levers.offloaded_layers, levers.checkpoint_layers, levers.tokens)
         done["offloaded_layers"] = levers.offloaded_layers
     if levers.dequant_cache:
         done["dequant_cache_gib"] = round(install_dequant_cache(model), 2)
