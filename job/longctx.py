@@ -1022,9 +1022,8 @@ def offload_layers(model, offloaded: int, recomputed: int, tokens: int, *, simul
     started = time.time()
     mode = LayerOffload(layers, list(range(offloaded)), kept, store, len(kept) * speed.layer_bytes(shape, tokens),
                         speed.pinned_layer_bytes(shape, tokens))
-    if store.cuda and not simulate:
-        log.info("layers offloaded: %d, %.1f GiB of pinned CPU memory in %.1fs", len(offloaded),
-                 store.pinned_bytes / GiB, time.time() - started)
+    log.info("layers offloaded: %d of %d, %.1f GiB of pinned CPU memory in %.1fs", offloaded, len(layers),
+             store.pinned_bytes / GiB, time.time() - started)
     hf._layer_offload = mode
     return mode
 
