@@ -123,6 +123,7 @@ class Result:
     installed: dict | None = None    # what the job's path installed (fused layers, long-context mode)
     rows_per_step: int = 0           # packed rows per optimizer step (batch x accumulation)
     gc_s_per_step: float = 0.0       # host time in Python's garbage collector per timed step
+    alloc_retries_per_step: float = 0.0  # the caching allocator freeing its cache to retry (a device sync each)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -247,7 +248,8 @@ def _step_timer(warmup: int, counter: _TokenCount):
         which training itself does not do."""
 
         def __init__(self):
-            self.marks = []  # (optimizer step, time, tokens so far, seconds in Python's garbage collector so far)
+            # (optimizer step, time, tokens so far, seconds in Python's garbage collector so far, allocator retries)
+            self.marks = []
             self.gc_seconds, self._gc_started = 0.0, 0.0
 
         def collecting(self, phase, info):  # a gc.callbacks entry
@@ -260,9 +262,12 @@ def _step_timer(warmup: int, counter: _TokenCount):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step not in (warmup, state.max_steps) and not control.should_training_stop:
                 return
+            retries = 0
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.marks.append((state.global_step, time.perf_counter(), counter.snapshot(), self.gc_seconds))
+                # near a memory cap the allocator may free its cache and retry, syncing the device each time
+                retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            self.marks.append((state.global_step, time.perf_counter(), counter.snapshot(), self.gc_seconds, retries))
             if state.global_step == warmup:
                 log(f"  warm-up done ({warmup} steps)")
 
@@ -401,9 +406,10 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
         marks = timer.marks
         if len(marks) < 2 or marks[0][0] != opts.warmup:
             raise RuntimeError("training stopped before the timed steps (too few rows?)")
-        (s0, t0, n0, gc0), (s1, t1, n1, gc1) = marks[0], marks[-1]
+        (s0, t0, n0, gc0, r0), (s1, t1, n1, gc1, r1) = marks[0], marks[-1]
         timed = s1 - s0
         result.gc_s_per_step = round((gc1 - gc0) / timed, 4)
+        result.alloc_retries_per_step = round((r1 - r0) / timed, 2)
         tokens = _TokenCount.between(n0, n1)
         seconds = t1 - t0
         result.ok, result.steps = True, timed
@@ -436,7 +442,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
     if result.ok:
         log(f"{phase.name}: {result.tokens_per_s:,.0f} tokens/s, {result.step_s:.3f} s/step, "
             f"{result.tokens_per_step:,.0f} tokens/step, peak {result.peak_reserved_gib} GiB, MFU {result.mfu:.1%}, "
-            f"gc {result.gc_s_per_step * 1e3:.0f} ms/step")
+            f"gc {result.gc_s_per_step * 1e3:.0f} ms/step, allocator retries {result.alloc_retries_per_step:g}/step")
     return result
 
 
