@@ -844,7 +844,7 @@ class LayerOffload:
     """Whole decoder layers' saved tensors in pinned CPU memory instead of recomputed (`OFFLOAD_LAYERS`, where
     job.speed's plan recomputes some layers and keeps others): the first layers' activations go out on a side
     stream during the forward and come back during the backward of the layers after them, so PCIe time replaces
-    recompute time (+8.4% at a 16 GiB cap on an H100, docs/performance.md run 20).
+    recompute time (+2-8% at 16 and 24 GiB caps on an H100, docs/performance.md runs 20 and 22).
 
     The copies in flight and the copies brought back share one GPU pool with the kept (last, neither recomputed
     nor offloaded) layers, whose activations exist only between their forward and their backward: `pool` bytes

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -125,8 +126,8 @@ def host_budget_gib() -> float:
     available = psutil.virtual_memory().available
     for limit_file, usage_file in CGROUP_MEMORY:
         try:
-            limit = open(limit_file).read().strip()
-            usage = int(open(usage_file).read())
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
         except (OSError, ValueError):
             continue
         if limit.isdigit():  # v2 writes "max" when there is no limit
