@@ -471,6 +471,7 @@ def self_check() -> dict:
         raise RuntimeError(f"varlen attention disagrees with per-sample sdpa: relative errors {errors}")
     out = {"varlen_vs_per_sample_sdpa_rel_error": round(error, 5)}
     out.update(lora_kernel_check())
+    out.update(nf4_kernel_check())
     return out
 
 
@@ -509,6 +510,47 @@ def lora_kernel_check(m: int = 3000, k: int = 4096, n: int = 1024, r: int = 16, 
     if not all(e < 2e-2 for e in errors.values()):
         raise RuntimeError(f"fused LoRA layer disagrees with float32 torch: {errors}")
     return {f"lora_kernel_{k}_rel_error": round(v, 5) for k, v in errors.items()}
+
+
+def nf4_kernel_check(calls: int = 300) -> dict:
+    """The one-launch NF4 dequantization against bitsandbytes' (double-quantized scales, bf16) on a layer-sized
+    weight, and the host time per call of each on a small one (launches queued back to back, the GPU idle)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from job import speed
+
+    if not speed.HAVE_TRITON:
+        return {"nf4_kernel": "Triton not available"}
+    torch.manual_seed(0)
+    out = {}
+    for label, shape in (("layer", (14336, 4096)), ("small", (256, 256))):
+        weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        data, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        if not speed.nf4_kernel_supports(data, state):
+            raise RuntimeError("the NF4 kernel does not take bitsandbytes' own double-quantized NF4 state")
+        want, got = bnbf.dequantize_4bit(data, state), speed.nf4_dequantize(data, state)
+        differ = (want != got).float().mean().item()
+        error = ((want.float() - got.float()).abs().max() / want.float().abs().max()).item()
+        if not error < 2**-7:  # at most a rounding step of bf16 apart (the scale's multiply-add may fuse)
+            raise RuntimeError(f"NF4 kernel disagrees with bitsandbytes on a {shape} weight: max error {error}")
+        out[f"nf4_kernel_{label}_values_differing"] = round(differ, 6)
+        for name, dequantize in (("bitsandbytes", bnbf.dequantize_4bit), ("triton", speed.nf4_dequantize)):
+            torch.cuda.synchronize()
+            if label == "small":  # the GPU keeps up: the loop's time is the host's
+                started = time.perf_counter()
+                for _ in range(calls):
+                    dequantize(data, state)
+                out[f"nf4_host_us_{name}"] = round((time.perf_counter() - started) / calls * 1e6, 1)
+            else:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(20):
+                    dequantize(data, state)
+                end.record()
+                torch.cuda.synchronize()
+                out[f"nf4_gpu_us_{name}"] = round(begin.elapsed_time(end) / 20 * 1e3, 1)
+    return out
 
 
 def ratios(results: list[Result]) -> dict:
@@ -550,7 +592,8 @@ def table(results: list[Result]) -> str:
 
 def _describe_levers(levers: dict) -> str:
     parts = [levers["attn_implementation"], "liger" if levers["liger"] else "",
-             "fused LoRA" if levers["lora_kernel"] else "", "bf16 weight cache" if levers["dequant_cache"] else "",
+             "fused LoRA" if levers["lora_kernel"] else "", "NF4 kernel" if levers.get("nf4_kernel") else "",
+             "bf16 weight cache" if levers["dequant_cache"] else "",
              {"none": "no recompute", "full": "recompute all", "offload": "recompute+offload",
               "partial": f"recompute {levers['checkpoint_layers']} layers"}[levers["checkpointing"]],
              f"{levers['offloaded_layers']} layers' activations on CPU" if levers.get("offloaded_layers") else "",
@@ -620,7 +663,8 @@ def plan_phases(opts: Options) -> list[Phase]:
         else:
             raise ValueError(f"unknown phase {name!r}: use tutorial, stock, job")
     for name, overrides in opts.variants:
-        phases.append(Phase(name, "job", overrides=overrides, profile="profile" in name))
+        phases.append(Phase(name, "job", overrides=overrides, profile="profile" in name,
+                            cap_gib=float(overrides.get("gpu_memory_gib", 0))))
     return phases
 
 

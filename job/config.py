@@ -113,6 +113,9 @@ class Settings:
     lora_kernel: str = setting("auto", "One fused autograd function per adapted layer (4-bit matmul + adapter, "
                                "adapter added in the matmul epilogue); auto uses it on CUDA.",
                                choices=("auto", "true", "false"), group="speed", identity=False)
+    nf4_kernel: str = setting("auto", "Dequantize each 4-bit weight (double-quantized scales included) in one Triton "
+                              "kernel instead of bitsandbytes' three launches; auto does with the fused LoRA layer "
+                              "on CUDA.", choices=("auto", "true", "false"), group="speed", identity=False)
     dequant_cache: str = setting("auto", "Keep a 16-bit copy of the frozen 4-bit weights on the GPU instead of "
                                  "dequantizing them every pass; auto does when the memory left allows.",
                                  choices=("auto", "true", "false"), group="speed", identity=False)
@@ -349,7 +352,7 @@ def validate(s: Settings) -> list[str]:
     need(s.strategy not in SHARDED or s.quantization != "int8", "strategy",
          "cannot shard 8-bit weights; use QUANTIZATION=nf4 (QLoRA) or none with fsdp and zero3")
     # speed levers that reach into the frozen weights or move them are untested on sharded weights: refused
-    for lever in ("lora_kernel", "dequant_cache", "offload_embeddings"):
+    for lever in ("lora_kernel", "nf4_kernel", "dequant_cache", "offload_embeddings"):
         need(s.strategy not in SHARDED or getattr(s, lever) != "true", lever,
              f"not supported with STRATEGY={s.strategy} (sharded weights; untested): use auto or false")
     need(s.strategy not in SHARDED or s.long_context != "on", "long_context",

@@ -10,7 +10,9 @@ can ask what an H100 with 8 GiB free would get; `job preflight` prints its answe
     lora_kernel      one autograd function per adapted linear layer: dequantize, matmul, adapter added in the
                      matmul epilogue (addmm), backward without PEFT's clone, scale and add passes; the adapter's
                      dropout mask drawn inside Triton kernels from a seed, never stored.
-    dequant_cache    a 16-bit copy of the frozen 4-bit weights kept on the GPU (off unless forced: no gain).
+    nf4_kernel       each 4-bit weight dequantized in one Triton launch (bitsandbytes makes three, each through
+                     Python, torch.ops and ctypes: host time that a recomputed layer's forward waits for).
+    dequant_cache    a 16-bit copy of the frozen 4-bit weights kept on the GPU, where it fits beside the plan.
     checkpointing    none, some layers (as few as the memory allows), every layer, or every layer with the
                      checkpoints in pinned CPU memory.
     micro batch      the configured MICRO_BATCH_SIZE x GRAD_ACCUM rows per optimizer step, split into smaller
@@ -205,6 +207,7 @@ class Levers:
     liger: bool = False
     lora_kernel: bool = False
     dropout_in_kernel: bool = False   # the adapter's dropout mask drawn inside Triton kernels, never stored
+    nf4_kernel: bool = False          # 4-bit weights dequantized by one Triton kernel, not bitsandbytes' three
     dequant_cache: bool = False
     checkpointing: str = "none"       # none | partial | full | offload
     checkpoint_layers: int = 0        # decoder layers recomputed in backward
@@ -433,6 +436,15 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None) 
                           else f"PEFT's own layers: STRATEGY={s.strategy} shards the weights the kernel reads "
                           "(untested)" if sharded and device.cuda
                           else "CPU: PEFT's own layers" if kernel_ok else "PEFT's own layers (int8 or DoRA)")
+
+    nf4_ok = lv.lora_kernel and s.quantization == "nf4" and device.cuda and caps.get("triton", False)
+    lv.nf4_kernel = _flag(s.nf4_kernel, nf4_ok)
+    if lv.nf4_kernel and not nf4_ok:
+        raise ConfigError("NF4_KERNEL=true needs QUANTIZATION=nf4, the fused LoRA layer (LORA_KERNEL) and Triton "
+                          "on a CUDA GPU; use auto")
+    why["nf4_kernel"] = ("forced by NF4_KERNEL" if s.nf4_kernel != "auto" else
+                         "one Triton launch per 4-bit weight instead of bitsandbytes' three" if nf4_ok else
+                         "off: needs 4-bit weights, the fused LoRA layer and Triton on a CUDA GPU")
 
     lv.dataloader_workers = s.dataloader_workers if s.dataloader_workers >= 0 else (2 if device.cuda else 0)
     why["dataloader_workers"] = ("set by DATALOADER_WORKERS" if s.dataloader_workers >= 0 else
@@ -918,6 +930,28 @@ try:  # Triton kernels for the adapter's dropout; absent on CPU-only installs, w
         tl.store(OUT + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < M) & (cols[None, :] < K))
 
+    @triton.jit(do_not_specialize=["N"])
+    def _nf4_dequant(W, ABSMAX, CODE2, ABSMAX2, OFFSET, NF4, OUT, N, BLOCKSIZE: tl.constexpr,
+                     BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT = the NF4 weight W as bitsandbytes dequantizes it: two values a byte, high nibble first, each
+        NF4[nibble] * its block's scale; a double-quantized scale is CODE2[q] * ABSMAX2[block // BLOCKSIZE2] +
+        OFFSET, computed here rather than in two launches of its own. The (byte, nibble) tile is stored as it is:
+        flattened first it took 61 us for a 14336 x 4096 weight on an H100 against 57 (docs/performance.md, run
+        23)."""
+        byte = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = byte < (N + 1) // 2
+        packed = tl.load(W + byte, mask=inside, other=0).to(tl.int32)
+        block = byte // (BLOCKSIZE // 2)
+        if NESTED:
+            q = tl.load(ABSMAX + block, mask=inside, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=inside, other=0.0)
+            scale = scale + tl.load(OFFSET)
+        else:
+            scale = tl.load(ABSMAX + block, mask=inside, other=0.0)
+        values = tl.join(tl.load(NF4 + (packed >> 4)) * scale, tl.load(NF4 + (packed & 15)) * scale)
+        index = byte[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(OUT + index, values.to(OUT.dtype.element_ty), mask=index < N)
+
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
@@ -1054,7 +1088,9 @@ def frozen_weight(base, dtype: torch.dtype) -> torch.Tensor:
         return cached if cached.dtype == dtype else cached.to(dtype)
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
+    if base.__dict__.get("_job_nf4_kernel"):
+        weight = nf4_dequantize(weight.data, quant_state)
+    elif quant_state is not None:
         import bitsandbytes.functional as bnbf
 
         if getattr(quant_state, "packing_format_for_cpu", False):
@@ -1065,6 +1101,48 @@ def frozen_weight(base, dtype: torch.dtype) -> torch.Tensor:
             quant_state = weight.quant_state
         weight = bnbf.dequantize_4bit(weight.data, quant_state)
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def nf4_kernel_supports(weight, quant_state) -> bool:
+    """Whether `nf4_dequantize` handles this 4-bit weight exactly as bitsandbytes would."""
+    if not (HAVE_TRITON and quant_state is not None and weight.is_cuda and weight.is_contiguous()
+            and quant_state.quant_type == "nf4" and quant_state.blocksize in (32, 64, 128, 256, 512, 1024)
+            and quant_state.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not getattr(quant_state, "packing_format_for_cpu", False)
+            and quant_state.shape is not None and quant_state.shape.numel() < 2**31
+            and quant_state.code.numel() == 16 and quant_state.code.dtype == torch.float32
+            and quant_state.code.device == weight.device and quant_state.absmax.device == weight.device):
+        return False
+    if not quant_state.nested:
+        return quant_state.absmax.dtype == torch.float32
+    inner = quant_state.state2
+    return (quant_state.absmax.dtype == torch.uint8 and inner.code.numel() == 256
+            and inner.code.dtype == inner.absmax.dtype == quant_state.offset.dtype == torch.float32
+            and inner.code.device == inner.absmax.device == quant_state.offset.device == weight.device)
+
+
+NF4_BLOCK = 1024  # bytes (2048 values) per Triton program, 4 warps: the fastest of 8 tile shapes on an H100
+
+
+def nf4_dequantize(data: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit` for NF4 in one Triton launch, where it makes three (the double-quantized
+    scales, their offset, the weight) through Python, torch.ops dispatch and ctypes: host time that a recomputed
+    layer's forward waits for (docs/performance.md, runs 8 and 23)."""
+    n = quant_state.shape.numel()
+    out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=data.device)
+    if data.dtype != torch.uint8:  # a storage type other than bytes (bnb_4bit_quant_storage): the same bytes
+        data = data.view(torch.uint8)
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        inner = quant_state.state2
+        code2, absmax2, offset, blocksize2 = inner.code, inner.absmax, quant_state.offset, inner.blocksize
+    else:
+        code2 = absmax2 = offset = absmax
+        blocksize2 = 1
+    _nf4_dequant[(triton.cdiv(n, 2 * NF4_BLOCK),)](
+        data, absmax, code2, absmax2, offset, quant_state.code, out, n, BLOCKSIZE=quant_state.blocksize,
+        BLOCKSIZE2=blocksize2, NESTED=quant_state.nested, BLOCK=NF4_BLOCK, num_warps=4)
+    return out
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
@@ -1115,6 +1193,21 @@ def install_lora_kernel(model) -> int:
             layer.forward = _fused_lora_forward.__get__(layer)
         layer._job_output_unused_in_recompute = last and name.endswith("mlp.down_proj")
         count += 1
+    return count
+
+
+def install_nf4_kernel(model) -> int:
+    """Dequantize the adapted layers' 4-bit weights with `nf4_dequantize` wherever it matches bitsandbytes; returns
+    how many weights it covers."""
+    count = 0
+    for layer in lora_layers(model):
+        base = layer.get_base_layer()
+        quant_state = getattr(base.weight, "quant_state", None)
+        if quant_state is not None and base.weight.is_cuda:  # the kernel reads the small tables in place, where
+            quant_state.to(base.weight.device)                # bitsandbytes copies its code table at each call
+        if nf4_kernel_supports(base.weight, quant_state):
+            base._job_nf4_kernel = True
+            count += 1
     return count
 
 
@@ -1362,6 +1455,8 @@ def prepare_adapted(model, levers: Levers) -> dict:
             " in CPU memory"
     if levers.lora_kernel:
         done["fused_lora_layers"] = install_lora_kernel(model)
+    if levers.nf4_kernel:
+        done["nf4_kernel_weights"] = install_nf4_kernel(model)
     if levers.checkpointing == "offload" and not levers.long_context:
         from job import longctx
 

@@ -125,13 +125,15 @@ def test_validation_accepts_exactly_the_documented_ranges(r, dropout):
 
 
 def test_speed_levers_that_reach_into_the_weights_are_refused_with_sharded_strategies():
-    """FSDP and ZeRO-3 split each weight across the ranks; the fused LoRA kernel, the 16-bit weight cache, the
-    embedding offload and the long-context mode assume whole weights on one GPU and were never run sharded."""
-    flags = {"strategy": "zero3", "lora_kernel": "true", "dequant_cache": "true", "offload_embeddings": "true",
-             "long_context": "on"}
+    """FSDP and ZeRO-3 split each weight across the ranks; the fused LoRA kernel, the NF4 kernel, the 16-bit weight
+    cache, the embedding offload and the long-context mode assume whole weights on one GPU and were never run
+    sharded."""
+    flags = {"strategy": "zero3", "lora_kernel": "true", "nf4_kernel": "true", "dequant_cache": "true",
+             "offload_embeddings": "true", "long_context": "on"}
     with pytest.raises(ConfigError) as error:
         config.load(flags, environ={})
     message = str(error.value)
-    for variable in ("LORA_KERNEL='true'", "DEQUANT_CACHE='true'", "OFFLOAD_EMBEDDINGS='true'", "LONG_CONTEXT='on'"):
+    for variable in ("LORA_KERNEL='true'", "NF4_KERNEL='true'", "DEQUANT_CACHE='true'", "OFFLOAD_EMBEDDINGS='true'",
+                     "LONG_CONTEXT='on'"):
         assert variable in message and "STRATEGY=zero3" in message, message
     config.load({**flags, "strategy": "ddp"}, environ={})  # whole weights per rank: allowed

@@ -46,7 +46,7 @@ def liger_everywhere(monkeypatch):
 def test_cpu_gets_the_plain_path(llama3):
     levers = speed.choose(settings(), llama3, speed.Device("cpu", "cpu"), {"varlen": False, "flex": True})
     assert levers.attn_implementation == "sdpa"
-    assert not levers.liger and not levers.lora_kernel and not levers.dequant_cache
+    assert not levers.liger and not levers.lora_kernel and not levers.dequant_cache and not levers.nf4_kernel
     assert levers.checkpointing == "none" and levers.dataloader_workers == 0
     assert (levers.micro_batch_size, levers.grad_accum) == (4, 1)
 
@@ -64,7 +64,7 @@ def test_the_tiny_default_job_on_this_machine_is_cpu_friendly(tiny_model):
 def test_a_whole_h100_trains_without_recomputation(llama3):
     levers = speed.choose(settings(), llama3, h100(79.0), GPU_CAPS)
     assert levers.attn_implementation == speed.VARLEN
-    assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel
+    assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel and levers.nf4_kernel
     assert levers.checkpointing == "none" and levers.micro_batch_size == 4
     assert not levers.offload_embeddings
     assert levers.dequant_cache  # 13 GiB of 16-bit weights fit beside the activations: no dequantizing per pass
@@ -163,6 +163,7 @@ def test_forced_levers_win(llama3):
     ({"attn_implementation": "varlen"}, "ATTN_IMPLEMENTATION=varlen"),
     ({"liger": "true"}, "LIGER=true"),
     ({"lora_kernel": "true", "quantization": "int8"}, "LORA_KERNEL=true"),
+    ({"nf4_kernel": "true"}, "NF4_KERNEL=true"),
 ])
 def test_forcing_what_cannot_run_names_the_setting(llama3, flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -271,6 +272,38 @@ def test_the_fused_lora_layer_equals_peft(tiny_model, dropout):
     assert (plain_logits - fused_logits).abs().max() < 1e-4
     for name, grad in plain_grads.items():
         assert (grad - fused_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
+
+
+def test_the_nf4_kernel_is_for_4bit_weights_under_the_fused_layer(llama3):
+    gpu = h100(79.0)
+    assert not speed.choose(settings(quantization="none"), llama3, gpu, GPU_CAPS).nf4_kernel
+    assert not speed.choose(settings(lora_kernel="false"), llama3, gpu, GPU_CAPS).nf4_kernel
+    assert not speed.choose(settings(), llama3, gpu, {**GPU_CAPS, "triton": False}).nf4_kernel
+    off = speed.choose(settings(nf4_kernel="false"), llama3, gpu, GPU_CAPS)
+    assert not off.nf4_kernel and off.reasons["nf4_kernel"] == "forced by NF4_KERNEL"
+
+
+def test_the_nf4_kernel_leaves_weights_in_cpu_memory_to_bitsandbytes(quiet, tiny_model):
+    lm = adapted(quiet, tiny_model)
+    assert speed.install_nf4_kernel(lm) == 0  # a Triton kernel: CUDA weights only
+    assert not any(layer.get_base_layer().__dict__.get("_job_nf4_kernel") for layer in speed.lora_layers(lm))
+
+
+@pytest.mark.skipif(not (speed.HAVE_TRITON and speed._TRITON_INTERPRET),
+                    reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1, Triton installed); the "
+                    "GPU bench's self-check compares it with bitsandbytes on every run")
+@pytest.mark.parametrize("nested, storage", [(True, torch.uint8), (False, torch.uint8), (True, torch.bfloat16)])
+def test_the_nf4_kernel_dequantizes_as_bitsandbytes_does(monkeypatch, nested, storage):
+    """fp32 output, where the interpreter's rounding to bf16 (it truncates) cannot differ from the GPU's; a shape
+    whose last program covers a partial tile; bytes stored as bf16, as the job loads them."""
+    import bitsandbytes.functional as bnbf
+
+    monkeypatch.setattr(speed, "NF4_BLOCK", 64)
+    weight = torch.randn((3, 96), generator=torch.Generator().manual_seed(0)) * 0.02
+    data, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4",
+                                     quant_storage=storage)
+    assert data.dtype == storage
+    assert torch.equal(speed.nf4_dequantize(data, state), bnbf.dequantize_4bit(data, state))
 
 
 def test_the_fused_lora_layer_steps_aside_when_adapters_are_off(quiet, tiny_model):
