@@ -553,6 +553,10 @@ def nf4_kernel_check(calls: int = 300) -> dict:
     return out
 
 
+def job_phase_name(cap: float) -> str:
+    return f"job@{cap:g}GiB"
+
+
 def ratios(results: list[Result]) -> dict:
     by = {r.name: r for r in results if r.ok and not r.cap_gib}
     out = {}
@@ -561,7 +565,7 @@ def ratios(results: list[Result]) -> dict:
     if "job" in by and "stock" in by:
         out["job/stock"] = round(by["job"].tokens_per_s / by["stock"].tokens_per_s, 2)
     for cap in sorted({r.cap_gib for r in results if r.cap_gib}):
-        job = next((r for r in results if r.cap_gib == cap and r.name.startswith("job") and r.ok), None)
+        job = next((r for r in results if r.name == job_phase_name(cap) and r.ok), None)  # not a variant
         stock = max((r for r in results if r.cap_gib == cap and r.name.startswith("stock") and r.ok),
                     key=lambda r: r.tokens_per_s, default=None)
         key = f"cap {cap:g} GiB job/best stock"
@@ -605,18 +609,33 @@ def _describe_levers(levers: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- main
 
-# Each lever of the job's path changed on its own, for docs/performance.md (`--levers`).
+# Each lever of the job's path changed on its own, for docs/performance.md (`--levers`), beside the job's phase it
+# changes: uncapped when that phase is timed, and under each cap timed for the levers only a capped plan uses.
 LEVER_VARIANTS = (
     ("job attn=flex", {"attn_implementation": "flex_attention"}),
     ("job attn=sdpa", {"attn_implementation": "sdpa"}),
     ("job -fused LoRA", {"lora_kernel": "false"}),
-    ("job +weight cache", {"dequant_cache": "true"}),
+    ("job -weight cache", {"dequant_cache": "false"}),
     ("job -liger", {"liger": "false"}),
     ("job recompute all", {"gradient_checkpointing": "true"}),
     ("job 0 workers", {"dataloader_workers": "0"}),
     ("job dropout 0", {"lora_dropout": "0"}),            # changes the recipe: for information
     ("job micro 1x4", {"micro_batch_size": "1", "grad_accum": "4"}),
 )
+CAPPED_LEVER_VARIANTS = (
+    (24, "-layer offload", {"offload_layers": "0"}),
+    (16, "-layer offload", {"offload_layers": "0"}),
+    (16, "-NF4 kernel", {"nf4_kernel": "false"}),
+    (8, "-NF4 kernel", {"nf4_kernel": "false"}),
+    (8, "input embedding on GPU", {"offload_embeddings": "false"}),
+    (8, "checkpoints on GPU", {"gradient_checkpointing": "true"}),
+)
+
+
+def lever_variants(phases: tuple, caps: tuple) -> tuple:
+    capped = tuple((f"{cap}GiB {name}", {"gpu_memory_gib": str(cap), **overrides})
+                   for cap, name, overrides in CAPPED_LEVER_VARIANTS if cap in caps)
+    return (LEVER_VARIANTS if "job" in phases else ()) + capped
 
 
 @dataclass
@@ -709,7 +728,7 @@ def run(opts: Options) -> dict:
         report()
     for cap in opts.memory_caps:
         log(f"memory cap {cap:g} GiB: the job's choice")
-        results.append(run_phase(Phase(f"job@{cap:g}GiB", "job", cap_gib=cap), nf4_dir, rows, opts))
+        results.append(run_phase(Phase(job_phase_name(cap), "job", cap_gib=cap), nf4_dir, rows, opts))
         report()
         tried = 0
         for recipe in STOCK_UNDER_CAP:

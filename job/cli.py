@@ -114,7 +114,8 @@ def push(s):
                    "flex_attention before the capped stock phases (measured cold: 22% slow).")
 @click.option("--memory-cap", default="", metavar="GIB[,GIB...]",
               help="Also compare under these GPU memory caps (as on smaller cards), e.g. 8,16,24.")
-@click.option("--levers", is_flag=True, help="Also time the job with each lever changed on its own.")
+@click.option("--levers", is_flag=True, help="Also time the job with each lever changed on its own: uncapped when the job phase is "
+                   "timed, and under each --memory-cap (24, 16, 8) for the levers a capped plan uses.")
 @click.option("--stock-tries", default=2, show_default=True, type=click.IntRange(1),
               help="Stock recipes timed per memory cap; the fastest that fits is the comparison.")
 @click.option("--variant", multiple=True, metavar="NAME:KEY=VALUE,...",
@@ -136,11 +137,12 @@ def bench(arch, max_length, steps, warmup, phases, memory_cap, levers, stock_tri
         variants = tuple(benchmark.parse_variant(v) for v in variant)
     except ValueError as error:
         raise errors.ConfigError(f"job bench: {error}") from None
+    phases = tuple(p.strip() for p in phases.split(",") if p.strip())
     if levers:
-        variants = benchmark.LEVER_VARIANTS + variants
-    opts = benchmark.Options(model=arch, max_length=max_length, warmup=warmup, steps=steps,
-                             phases=tuple(p.strip() for p in phases.split(",") if p.strip()), memory_caps=caps,
-                             variants=variants, stock_tries=stock_tries, workdir=workdir, as_json=as_json, out=out)
+        variants = benchmark.lever_variants(phases, caps) + variants
+    opts = benchmark.Options(model=arch, max_length=max_length, warmup=warmup, steps=steps, phases=phases,
+                             memory_caps=caps, variants=variants, stock_tries=stock_tries, workdir=workdir,
+                             as_json=as_json, out=out)
     report = benchmark.run(opts)
     click.echo(json.dumps(report, indent=2) if as_json else benchmark.render(report))
 

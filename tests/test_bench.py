@@ -46,6 +46,15 @@ def test_variants_parse_settings_by_variable_or_field():
     assert [p.name for p in phases] == ["tutorial", "stock", "job", "job profile"] and phases[-1].profile
 
 
+def test_levers_under_a_cap_run_under_it_only_when_that_cap_is_timed():
+    uncapped = bench.plan_phases(bench.Options(variants=bench.lever_variants(("stock", "job"), ())))
+    assert all(p.cap_gib == 0 for p in uncapped) and len(uncapped) == 3 + len(bench.LEVER_VARIANTS)
+    capped = bench.lever_variants(("stock",), (16.0, 5.0))  # no uncapped job phase: no uncapped lever
+    phases = bench.plan_phases(bench.Options(phases=("stock",), variants=capped))
+    assert [p.name for p in phases] == ["stock", "16GiB -layer offload", "16GiB -NF4 kernel"]
+    assert all(p.cap_gib == 16.0 and p.overrides["gpu_memory_gib"] == "16" for p in phases[1:])
+
+
 def results():
     ok = dict(ok=True, steps=8, tokens_per_step=8000.0, step_s=1.0, peak_reserved_gib=40.0, mfu=0.3)
     return [bench.Result("tutorial", "padded", tokens_per_s=1000.0, **ok),
@@ -54,6 +63,7 @@ def results():
                 "attn_implementation": "varlen", "liger": True, "lora_kernel": True, "dequant_cache": False,
                 "checkpointing": "partial", "checkpoint_layers": 9, "micro_batch_size": 4, "grad_accum": 1,
                 "offload_embeddings": False}),
+            bench.Result("job again", "a --variant under the cap", cap_gib=8.0, tokens_per_s=9000.0, **ok),
             bench.Result("job@8GiB", "job defaults", cap_gib=8.0, tokens_per_s=6000.0, **ok),
             bench.Result("stock@8GiB", "packing", cap_gib=8.0, tokens_per_s=2000.0, **ok),
             bench.Result("stock@8GiB", "packing", cap_gib=8.0, error="out of memory"),
