@@ -160,7 +160,7 @@ def run(s):
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
         raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
     summary = Summary(layout, s)
-    with launch.stop_on_signals():
+    with launch.stop_on_signals() as signals:
         try:
             plan = check(s, world_size=where.world_size)
             plan["launch"] = where.describe()
@@ -171,17 +171,21 @@ def run(s):
                 if code != errors.EXIT_OK:
                     summary.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code)
                     raise SystemExit(code)
+            signals.check()
             summary.update(status="evaluating")
             evaluate_stage(s)
+            signals.check()
             summary.update(status="merging")
             from job.merge import merge as merge_stage
 
             merge_stage(s)
+            signals.check()
             if s.hub_model_id:
                 summary.update(status="pushing")
                 from job.publish import push as push_stage
 
                 push_stage(s)
+                signals.check()
             summary.update(status="done", exit_code=0)
         except errors.JobError as error:
             summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",

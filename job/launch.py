@@ -363,19 +363,34 @@ def run_training(s: Settings, where: Topology | None = None) -> int:
     return result
 
 
-@contextlib.contextmanager
-def stop_on_signals():
+class StageSignals:
     """Outside training (preflight, evaluation, merge, push) a stop signal ends `job run` at once with exit 75, the
     code a scheduler requeues on, instead of the signal's default death (SIGUSR1 is what Slurm's --signal sends
     before the time limit). Every stage writes into a staging directory and seals it, so the rerun redoes only the
-    stage that was cut. `run_training` puts its forwarding handlers in place while training runs."""
-    def preempt(signum, frame):
-        raise errors.Preempted(f"stopped by {signal.Signals(signum).name} outside training; rerun to finish "
-                               "(finished stages are kept)")
+    stage that was cut. `run_training` puts its forwarding handlers in place while training runs.
 
-    previous = {sig: signal.signal(sig, preempt) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    The handler raises where the main thread happens to be, and a library's broad `except Exception` there can
+    swallow it, so the signal is also remembered and `check` raises it again between stages."""
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+
+    def preempt(self, signum, frame):
+        self.received = signal.Signals(signum)
+        self.check()
+
+    def check(self) -> None:
+        if self.received:
+            raise errors.Preempted(f"stopped by {self.received.name} outside training; rerun to finish "
+                                   "(finished stages are kept)")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    signals = StageSignals()
+    previous = {sig: signal.signal(sig, signals.preempt) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        yield
+        yield signals
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
