@@ -102,6 +102,7 @@ class Phase:
     overrides: dict = field(default_factory=dict)   # job settings (field names) on top of the defaults
     cap_gib: float = 0.0
     profile: bool = False                      # profile two steps after warm-up (their timing is then not clean)
+    step_model: dict = field(default_factory=dict)  # job.speed's step-model constants the plan is made with
 
 
 @dataclass
@@ -372,7 +373,12 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 s = job_config.load(flags, environ={k: v for k, v in os.environ.items()
                                                     if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
                                                              if f.metadata["group"] in ("speed", "model")}})
-                levers = speed.plan(s, cfg)
+                saved = {name: getattr(speed, name) for name in phase.step_model}
+                vars(speed).update(phase.step_model)
+                try:
+                    levers = speed.plan(s, cfg)
+                finally:
+                    vars(speed).update(saved)
                 result.levers = levers.summary()
                 result.rows_per_step = levers.micro_batch_size * levers.grad_accum
                 log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()
@@ -654,8 +660,15 @@ class Options:
     out: str = ""
 
 
+# job.speed's step-model constants a --variant may change ('speed.CPU_TOKENS=6000'): the plan an older fit chose,
+# timed beside today's
+STEP_MODEL = ("CPU_TOKENS", "RECOMPUTE_GPU", "RECOMPUTE_CPU", "OFFLOAD_COST", "HEAD_STREAM_TOKENS",
+              "INPUT_GATHER_TOKENS")
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'name:KEY=VALUE,KEY=VALUE' (keys as environment variables or field names) -> (name, {field: value})."""
+    """'name:KEY=VALUE,KEY=VALUE' (keys as environment variables or field names, or speed.CONSTANT of STEP_MODEL)
+    -> (name, {field or speed.CONSTANT: value})."""
     from job import config as job_config
 
     name, _, body = text.partition(":")
@@ -663,10 +676,16 @@ def parse_variant(text: str) -> tuple[str, dict]:
     by_env = {job_config.env_name(f): f.name for f in job_config.FIELDS.values()}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        field_name = by_env.get(key.strip(), key.strip().lower())
+        key, value = key.strip(), value.strip()
+        if key.startswith("speed."):
+            if key.removeprefix("speed.") not in STEP_MODEL:
+                raise ValueError(f"--variant {text!r}: {key!r} is not one of speed.{', speed.'.join(STEP_MODEL)}")
+            overrides[key] = float(value)
+            continue
+        field_name = by_env.get(key, key.lower())
         if field_name not in job_config.FIELDS:
             raise ValueError(f"--variant {text!r}: unknown setting {key!r}")
-        overrides[field_name] = value.strip()
+        overrides[field_name] = value
     return name.strip(), overrides
 
 
@@ -682,8 +701,10 @@ def plan_phases(opts: Options) -> list[Phase]:
         else:
             raise ValueError(f"unknown phase {name!r}: use tutorial, stock, job")
     for name, overrides in opts.variants:
-        phases.append(Phase(name, "job", overrides=overrides, profile="profile" in name,
-                            cap_gib=float(overrides.get("gpu_memory_gib", 0))))
+        step_model = {k.removeprefix("speed."): v for k, v in overrides.items() if k.startswith("speed.")}
+        settings = {k: v for k, v in overrides.items() if not k.startswith("speed.")}
+        phases.append(Phase(name, "job", overrides=settings, profile="profile" in name,
+                            cap_gib=float(settings.get("gpu_memory_gib", 0)), step_model=step_model))
     return phases
 
 

@@ -60,19 +60,22 @@ PEAK_BF16_TFLOPS = {
 # absmax per 64 weights, a float per 256 absmax).
 WEIGHT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 4096, "none": 2.0}
 OVERHEAD_GIB = 0.15      # cuBLAS workspaces, the optimizer's scratch, allocator rounding
-# The step-time model behind the plan, in token-equivalents of GPU time (~78 us a token for Llama-3-8B on an
-# H100), fitted to one H100 run (docs/performance.md): a micro-step costs max(host, GPU). The host side (Python and
-# the dispatch of ~10^4 operations of PEFT, bitsandbytes, transformers) is ~0.47 s whatever the tokens, so small
-# micro-batches leave the GPU waiting (1 row of 2048: 4,300 tokens/s; 4 rows: 12,700).
-CPU_TOKENS = 6000
-# Recomputation and offload, from the run of 2026-11-25 (docs/performance.md, run 7): 22 and 28 of 32 layers
-# recomputed cost 5.3-5.5 ms a layer on a 0.577 s step (the down projection's matmul skipped in the recompute);
-# all 32 with checkpoints offloaded and the input embedding in CPU memory took 0.918 s.
-RECOMPUTE_GPU = 0.30      # recomputing every layer: extra GPU time, relative to the step without recomputation
+# The step-time model behind the plan, in token-equivalents of GPU time (~65 us a token for Llama-3-8B on an
+# H100), a micro-step costing max(host, GPU); fitted to runs 25-28 (2026-12-07, H100s, docs/performance.md). The
+# host side (Python and the dispatch of ~10^4 operations) is taken as ~0.31 s a micro-step whatever the tokens: 0.22
+# s on run 25's host (1 row x 4 micro-steps: 0.876 s a step against 0.516 for 4 rows x 1), more on slower hosts and
+# with checkpointed layers (run 27: 2 x 2 plans recomputing or offloading 7-20 layers ran at 0.52-0.67 s a
+# micro-step, far slower than 4 x 1), while at 8 GiB 2 x 2 with both tables on the GPU beat 4 x 1 with the input
+# table in CPU memory on both hosts that timed it (runs 26, 28: +7%, +4-9%). The old fit (6000, 0.47 s a
+# micro-step, before the host-side levers of runs 16-24) never split a step.
+CPU_TOKENS = 4800
+# Every layer recomputed: 0.714 s against 0.532 (22 and 28 of 32 layers: 0.347 and 0.342 of that a layer's share);
+# checkpoints to pinned CPU memory and back on top (2 rows x 2, all recomputed: 0.798 s).
+RECOMPUTE_GPU = 0.34      # recomputing every layer: extra GPU time, relative to the step without recomputation
 RECOMPUTE_CPU = 0.33      # ... and extra host time (its forward is dispatched again)
-OFFLOAD_COST = 0.25       # checkpoints to pinned CPU memory and back, per token
+OFFLOAD_COST = 0.16       # checkpoints to pinned CPU memory and back, per token
 HEAD_STREAM_TOKENS = 1000  # the output layer over PCIe twice a micro-step (2 x 1 GiB at ~25 GB/s)
-INPUT_GATHER_TOKENS = 300  # the input rows gathered and pinned on the CPU before the GPU starts (~64 MiB, ~25 ms)
+INPUT_GATHER_TOKENS = 850  # the input rows gathered and pinned on the CPU before the GPU starts (4 x 1 rows: +55 ms)
 OFFLOAD_HOST_SHARE = 0.5  # of the CPU memory left to this process, what offloaded layers may pin (the rest: data,
                           # checkpoint writes, the merge's 16-bit model, later)
 
