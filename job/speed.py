@@ -582,7 +582,7 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     else:
         why["checkpointing"] = f"every layer recomputed, checkpoints in pinned CPU memory, to fit {where}"
     why["micro_batch_size"] = (f"{lv.micro_batch_size} rows x {lv.grad_accum} accumulation steps = the configured "
-                               f"{rows} rows per optimizer step" + (" (split to fit)" if lv.micro_batch_size <
+                               f"{rows} rows per optimizer step" + (" (split: the fastest plan that fits)" if lv.micro_batch_size <
                                                                     s.micro_batch_size else ""))
     copy = f"{shape.linear_params * 2 / GiB:.1f} GiB"
     why["dequant_cache"] = ("forced by DEQUANT_CACHE" if s.dequant_cache != "auto" else
