@@ -581,9 +581,9 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
         why["checkpointing"] = f"every layer recomputed to fit {where}"
     else:
         why["checkpointing"] = f"every layer recomputed, checkpoints in pinned CPU memory, to fit {where}"
+    split = " (split: the fastest plan that fits)" if lv.micro_batch_size < s.micro_batch_size else ""
     why["micro_batch_size"] = (f"{lv.micro_batch_size} rows x {lv.grad_accum} accumulation steps = the configured "
-                               f"{rows} rows per optimizer step" + (" (split: the fastest plan that fits)" if lv.micro_batch_size <
-                                                                    s.micro_batch_size else ""))
+                               f"{rows} rows per optimizer step{split}")
     copy = f"{shape.linear_params * 2 / GiB:.1f} GiB"
     why["dequant_cache"] = ("forced by DEQUANT_CACHE" if s.dequant_cache != "auto" else
                             f"a 16-bit copy of the 4-bit weights ({copy}) fits beside the plan: no dequantizing "
