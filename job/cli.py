@@ -114,8 +114,9 @@ def push(s):
                    "flex_attention before the capped stock phases (measured cold: 22% slow).")
 @click.option("--memory-cap", default="", metavar="GIB[,GIB...]",
               help="Also compare under these GPU memory caps (as on smaller cards), e.g. 8,16,24.")
-@click.option("--levers", is_flag=True, help="Also time the job with each lever changed on its own: uncapped when the job phase is "
-                   "timed, and under each --memory-cap (24, 16, 8) for the levers a capped plan uses.")
+@click.option("--levers", is_flag=True,
+              help="Also time the job with each lever changed on its own: uncapped when the job phase is timed, and "
+                   "under each --memory-cap (24, 16, 8) for the levers a capped plan uses.")
 @click.option("--stock-tries", default=2, show_default=True, type=click.IntRange(1),
               help="Stock recipes timed per memory cap; the fastest that fits is the comparison.")
 @click.option("--variant", multiple=True, metavar="NAME:KEY=VALUE,...",
