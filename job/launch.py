@@ -380,7 +380,7 @@ class StageSignals:
         self.check()
 
     def check(self) -> None:
-        if self.received:
+        if self.received is not None:
             raise errors.Preempted(f"stopped by {self.received.name} outside training; rerun to finish "
                                    "(finished stages are kept)")
 
