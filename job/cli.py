@@ -3,11 +3,12 @@
     job run          # preflight -> train -> evaluate -> merge -> push; each stage skipped when done
     job preflight    # check settings, model and data; print the plan; no training
     job train | evaluate | merge | push      # one stage
-Exit codes: see job.errors.EXIT_CODES (0 done, 2 bad input, 75 preempted: rerun to resume).
+Exit codes: see job.errors.EXIT_CODES (0 done, 2 bad input, 6 out of GPU memory, 75 preempted: rerun to resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -71,7 +72,8 @@ def train(s):
     """Train the adapter (one process; `job run` launches it on every rank)."""
     from job.train import train as train_stage
 
-    train_stage(s)
+    with stage("training", s):
+        train_stage(s)
 
 
 @cli.command()
@@ -80,7 +82,9 @@ def evaluate(s):
     """Eval loss, perplexity and sample generations, before and after training."""
     from job.evaluate import evaluate as evaluate_stage
 
-    click.echo(json.dumps(evaluate_stage(s), indent=2, ensure_ascii=False))
+    with stage("evaluation", s):
+        result = evaluate_stage(s)
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 @cli.command()
@@ -89,7 +93,9 @@ def merge(s):
     """Merge the adapter into the 16-bit base, verify it, save it to OUTPUT_DIR/merged."""
     from job.merge import merge as merge_stage
 
-    click.echo(json.dumps(merge_stage(s), indent=2, ensure_ascii=False))
+    with stage("merge", s):
+        result = merge_stage(s)
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 @cli.command()
@@ -169,17 +175,21 @@ def run(s):
             summary.update(status="training", plan=plan)
             if not checkpoint.is_complete(layout.adapter):
                 code = launch.run_training(s, where)  # returns once every rank has finished
+                if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
+                    raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
                 if code != errors.EXIT_OK:
                     summary.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code)
                     raise SystemExit(code)
             signals.check()
             summary.update(status="evaluating")
-            evaluate_stage(s)
+            with stage("evaluation", s):
+                evaluate_stage(s)
             signals.check()
             summary.update(status="merging")
             from job.merge import merge as merge_stage
 
-            merge_stage(s)
+            with stage("merge", s):
+                merge_stage(s)
             signals.check()
             if s.hub_model_id:
                 summary.update(status="pushing")
@@ -192,6 +202,56 @@ def run(s):
             summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
                            exit_code=error.exit_code, error=str(error))
             raise
+
+
+@contextlib.contextmanager
+def stage(name: str, s):
+    """Turn a CUDA out-of-memory error in this stage into exit 6 (never retried: the same settings would meet it
+    again) with what to lower for it. Preflight only probes the card and the push does not use it."""
+    try:
+        yield
+    except errors.JobError:
+        raise
+    except Exception as error:
+        oom = errors.cuda_out_of_memory(error)
+        if oom is None:
+            raise
+        log.error("the %s stage ran out of GPU memory", name, exc_info=True)  # where, and CUDA's full report
+        raise out_of_memory(name, s, _first_sentences(oom)) from error
+
+
+def _first_sentences(error: BaseException, count: int = 3) -> str:
+    """How CUDA's report begins: what it tried to allocate and what the card has free (the rest is in the log)."""
+    line = next(iter(str(error).strip().splitlines()), type(error).__name__)
+    return ". ".join(line.split(". ")[:count])
+
+
+def out_of_memory(name: str, s, detail: str) -> errors.OutOfMemory:
+    """The error for stage `name` out of GPU memory, naming the settings that lower its memory, with their values."""
+    return errors.OutOfMemory(f"the {name} stage ran out of GPU memory ({detail}): {MEMORY_ADVICE[name](s)}")
+
+
+def _training_advice(s) -> str:
+    lower = ([f"MICRO_BATCH_SIZE (now {s.micro_batch_size}; raise GRAD_ACCUM, now {s.grad_accum}, to keep "
+              f"{s.micro_batch_size * s.grad_accum} rows per optimizer step)"] if s.micro_batch_size > 1 else [])
+    lower.append(f"MAX_LENGTH (now {s.max_length})")
+    # those two define the run, so checkpoints made with the old values are not resumed; these two do not
+    keep = ([f"GRADIENT_CHECKPOINTING=true (now {s.gradient_checkpointing})"]
+            if s.gradient_checkpointing not in ("true", "offload") else [])
+    keep.append("GPU_MEMORY_GIB to what this job may use if another process shares the card (now "
+                + (f"{s.gpu_memory_gib:g} GiB)" if s.gpu_memory_gib else "0: the free memory at the start)"))
+    return (f"lower {' or '.join(lower)}, in a new OUTPUT_DIR if it holds checkpoints; or, resuming from them, "
+            f"set {' or '.join(keep)}")
+
+
+MEMORY_ADVICE = {
+    "training": _training_advice,
+    # MICRO_BATCH_SIZE and MAX_LENGTH define the run (a finished adapter would be refused); these do not
+    "evaluation": lambda s: (f"set GPU_MEMORY_GIB (now {s.gpu_memory_gib:g}) to what the card holds: under a cap "
+                             f"the eval loss takes one sequence at a time; lower MAX_NEW_TOKENS (now "
+                             f"{s.max_new_tokens}) for the prompt test"),
+    "merge": lambda s: f"set MERGE_DEVICE=cpu (now {s.merge_device}) to merge in CPU memory",
+}
 
 
 class Summary:

@@ -167,13 +167,13 @@ class Settings:
                                 "429, 5xx), with exponential backoff.", group="publish", identity=False)
     push_backoff: float = setting(2.0, "Seconds before the first retry; doubled each retry, at most 120 s; a "
                                   "longer Retry-After from the Hub wins.", group="publish", identity=False)
-    merge_device: str = setting("auto", "Where to merge: auto uses the GPU when its free memory holds the 16-bit "
-                                "model, else (or on out-of-memory) the CPU.", choices=("auto", "cpu", "cuda"),
+    merge_device: str = setting("auto", "Where to merge: auto uses the GPU when the memory it may use (free, or "
+                                "GPU_MEMORY_GIB) holds the merged model, else (or on out-of-memory) the CPU.", choices=("auto", "cpu", "cuda"),
                                 group="publish", identity=False)
-    merge_tolerance: float = setting(0.03, "Largest allowed logit gap between the merged model and the 16-bit "
-                                     "base + adapter, as a share of the largest logit (0.03: a few bf16 "
-                                     "rounding steps; a merge into 4-bit weights is several times off).",
-                                     group="publish", identity=False)
+    merge_dtype: str = setting("auto", "Dtype of the merged model: float16 (what the tutorials merge into), "
+                               "bfloat16 or float32; auto keeps the base checkpoint's own. The merge check allows "
+                               "the rounding of it (1.5 steps a weight); a float16 merge that overflows is refused.",
+                               choices=("auto", "float16", "bfloat16", "float32"), group="publish", identity=False)
     merge_max_shard_size: str = setting("5GB", "Largest safetensors file of the merged model (e.g. 5GB, 500MB).",
                                         group="publish", identity=False)
 
@@ -341,7 +341,6 @@ def validate(s: Settings) -> list[str]:
                         f"(DATA_FORMAT={s.data_format!r})")
     need(s.push_retries >= 0, "push_retries", "must be 0 or more")
     need(s.push_backoff >= 0, "push_backoff", "must be 0 or more seconds")
-    need(0 < s.merge_tolerance < 1, "merge_tolerance", "must be in (0, 1), e.g. 0.03")
     need(bool(re.fullmatch(r"\d+(GB|MB|KB|GiB|MiB|KiB)", s.merge_max_shard_size)), "merge_max_shard_size",
          "must be a whole number and a unit (GB, MB, KB, GiB, MiB, KiB), e.g. 5GB")
     need(s.num_machines is None or s.num_machines >= 1, "num_machines", "must be at least 1")

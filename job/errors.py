@@ -1,8 +1,11 @@
 """Failure classes and their exit codes: part of the job's interface (README, Slurm, Kubernetes).
 
-Schedulers act on these: 2 is never worth a retry (Kubernetes' podFailurePolicy fails the Job at
-once), 75 asks for a requeue/retry, the rest are for a person to read.
+Schedulers act on these: 2 and 6 are never worth a retry, which would meet the same settings again
+(Kubernetes' podFailurePolicy fails the Job at once), 75 asks for a requeue/retry, the rest are for a
+person to read.
 """
+
+import sys
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -20,7 +23,8 @@ EXIT_CODES = {
     EXIT_TRAINING_FAILED: "training failed (e.g. loss became NaN); checkpoints kept",
     EXIT_VERIFY_FAILED: "the merged model does not match the adapter; nothing was pushed",
     EXIT_PUSH_FAILED: "push to the Hub failed after retries; the merged model is on disk, rerun to push",
-    EXIT_OUT_OF_MEMORY: "out of GPU memory; lower MICRO_BATCH_SIZE or MAX_LENGTH",
+    EXIT_OUT_OF_MEMORY: "out of GPU memory; the message names the stage and what to lower (MICRO_BATCH_SIZE, "
+                        "MAX_LENGTH; MERGE_DEVICE=cpu for the merge); never retried",
     EXIT_PREEMPTED: "stopped by a signal after writing a checkpoint; rerun (requeue) to resume",
 }
 
@@ -53,3 +57,31 @@ class PushFailed(JobError):
 
 class Preempted(JobError):
     exit_code = EXIT_PREEMPTED
+
+
+class OutOfMemory(JobError):
+    """CUDA ran out of memory. The message names the stage and the settings that lower its memory."""
+    exit_code = EXIT_OUT_OF_MEMORY
+
+
+# CUDA out-of-memory errors that arrive as a plain RuntimeError: from cuBLAS and cuDNN, which some kernels call to
+# allocate their workspace outside PyTorch's allocator, and from CUDA itself (e.g. a context on a full card).
+OUT_OF_MEMORY_TEXTS = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                       "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def cuda_out_of_memory(error: BaseException) -> BaseException | None:
+    """The CUDA out-of-memory error that error is or was raised from (a library may wrap it), else None.
+
+    Follows the chain Python prints with a traceback: __cause__, else __context__ unless `from None` hid it.
+    torch is looked up, never imported: its errors exist only once something has imported it."""
+    torch = sys.modules.get("torch")
+    torch_oom = getattr(torch, "OutOfMemoryError", ())  # torch.cuda.OutOfMemoryError is the same class
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch_oom) or (isinstance(error, RuntimeError)
+                                            and any(text in str(error) for text in OUT_OF_MEMORY_TEXTS)):
+            return error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from job import checkpoint, data, model
+from job import checkpoint, data, model, speed
 from job.checkpoint import Layout
 from job.config import Settings
 
@@ -30,16 +30,22 @@ def evaluate(s: Settings) -> dict:
     if done is not None:
         return done
     path = model.resolve(s.base_model)
+    device = speed.probe(s.gpu_memory_gib)
+    speed.apply_memory_cap(device)  # as on a smaller card: the cap governs every stage, not only training
     tokenizer = model.load_tokenizer(s, str(layout.adapter))  # carries the chat template used in training
     base = model.load_model(s, path, device_map="auto" if torch.cuda.is_available() else None)
     prepared = data.load(s, tokenizer, base.config.model_type, layout.cache, PartialState())
     tuned = PeftModel.from_pretrained(base, str(layout.adapter))
+    model.keep_dora_output_dtype(tuned)
     tuned.eval()
 
     result = {"eval_loss_before": None, "eval_loss_after": None}
     if prepared.eval is not None:
         with tempfile.TemporaryDirectory() as scratch:
-            args = SFTConfig(output_dir=scratch, per_device_eval_batch_size=s.micro_batch_size,
+            # under a cap, one sequence at a time: MAX_LENGTH x vocabulary logits (1 GiB in float32 for Llama-3 at
+            # 2048 tokens) are what a batch adds on top of the 4-bit model
+            batch = 1 if device.capped else s.micro_batch_size
+            args = SFTConfig(output_dir=scratch, per_device_eval_batch_size=batch,
                              max_length=s.max_length, packing=s.packing, padding_free=s.packing,
                              bf16=model.compute_dtype() == torch.bfloat16, report_to="none",
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)

@@ -1,32 +1,24 @@
-"""The merge stage: final adapter + 16-bit base -> OUTPUT_DIR/merged, verified before anything is pushed.
+"""The merge stage: final adapter + base -> OUTPUT_DIR/merged, verified before anything is pushed.
 
 Runs in one process after training has finished on every rank (`job run` trains in child processes
 and merges in the parent; `job merge` alone does the same). Steps:
 
 1. Logits of the training-time model (base quantized as QUANTIZATION says, plus the adapter) on a few
    evaluation rows: the gap to them is reported, not gated (quantization error is expected).
-2. The base in 16-bit (bf16; fp16 on GPUs without bf16), never the 4-bit one: merging into a
+2. The base in MERGE_DTYPE (by default the checkpoint's own dtype), never the 4-bit one: merging into a
    dequantized 4-bit base bakes the quantization error into every weight. Adapter applied unmerged
-   -> reference logits. Then `merge_and_unload`.
+   -> reference logits. Then `merge_and_unload`, and the merged model's own logits.
 3. Saved to a staging folder as sharded safetensors with the tokenizer, the training chat template,
    a generation config whose eos_token_id holds EOS and the end-of-turn token, and a model card.
-4. Loaded back with plain AutoModelForCausalLM / AutoTokenizer; its logits must match the reference
-   within MERGE_TOLERANCE; a chat-templated prompt is generated from it. Only then is the folder
-   sealed into OUTPUT_DIR/merged. A failed check raises VerifyFailed (exit 4): nothing is pushed.
+4. Verified (job.verify): the saved weights against base + adapter read from their own files, within the
+   rounding of MERGE_DTYPE; the saved folder loaded back with plain AutoModelForCausalLM /
+   AutoTokenizer gives the merged logits, and stays within the rounding bound of the unmerged reference; a
+   chat-templated prompt is generated from it. Only then is the folder sealed into OUTPUT_DIR/merged. A
+   failed check raises VerifyFailed (exit 4) naming the fault: nothing is pushed.
 
-The tolerance is relative: max |merged - reference| over every vocabulary entry and position must
-be at most MERGE_TOLERANCE x max |reference logit|. Both sides run in 16-bit, and differ only in
-rounding: the merged weights are W + BA*scale rounded once to 16-bit, the reference keeps them apart.
-bf16 has an 8-bit significand (a relative step of 0.4-0.8%), so a correct merge lands within one to a
-few steps of the largest logit. The default 0.03 allows about four to eight such steps of
-accumulated rounding through a deep model, and is still several times smaller than the gap a
-broken merge produces: merging into the 4-bit weights, a missing or doubled adapter, a layer left
-out. On the built-in tiny model we measured 0.0074 (one bf16 step) for the merge against 0.17 for
-the 4-bit training-time model.
-
-Merging on CPU: MERGE_DEVICE=auto uses the GPU only when its free memory holds the 16-bit model
-with room to spare, and falls back to CPU on a CUDA out-of-memory error, so a long training run is
-never lost to the merge. The log and merge.json say which device was used and the peak memory.
+Where: MERGE_DEVICE=auto uses the GPU only when the memory it may use (its free memory, or GPU_MEMORY_GIB)
+holds the model in MERGE_DTYPE with room to spare, and falls back to CPU on a CUDA out-of-memory error, so a
+long training run is never lost to the merge. The log and merge.json say which device was used and the peak.
 """
 
 from __future__ import annotations
@@ -41,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from job import checkpoint, data, model
+from job import checkpoint, data, model, speed, verify
 from job.checkpoint import Layout
 from job.config import Settings
 from job.errors import ConfigError, VerifyFailed
@@ -51,6 +43,7 @@ log = logging.getLogger("job.merge")
 
 VERIFY_ROWS = 4  # evaluation rows compared
 VERIFY_TOKENS = 128  # tokens per row: logits of every position over the whole vocabulary are compared
+CHECK_NEW_TOKENS = 16  # generated from the saved model: it loads, templates and stops as configured
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")
 
 
@@ -83,7 +76,9 @@ def merge(s: Settings) -> dict:
     messages = prepared.samples[0]["messages"] if prepared.samples else [{"role": "user", "content": "Hello!"}]
 
     _free()  # what evaluation left in this process's GPU cache
-    device = choose_device(s, base_config)
+    cap = speed.probe(s.gpu_memory_gib)
+    speed.apply_memory_cap(cap)  # every stage stays inside GPU_MEMORY_GIB, as on a smaller card
+    device = choose_device(s, base_config, path, cap.budget_gib)
     _reset_peak()
     quantized = _training_time_logits(s, path, adapter, rows)
     staging = layout.root / ".merged.staging"
@@ -101,22 +96,12 @@ def merge(s: Settings) -> dict:
         result = _merge_and_check(s, path, adapter, tokenizer, prepared.chat_template, end_of_turn, rows,
                                   messages, device, staging)
     reference = result.pop("_reference")
-    if quantized is not None:
-        gap = compare(quantized, reference)
-        result.update(gap_4bit=gap["max_abs_gap"], relative_gap_4bit=gap["relative_gap"],
-                      top1_agreement_4bit=gap["top1_agreement"])
-    else:
-        result.update(gap_4bit=None, relative_gap_4bit=None, top1_agreement_4bit=None)
-    result.update(training_quantization=s.quantization, seconds=round(time.time() - started, 1),
-                  **_peak(device))
+    gap = _gap(quantized, reference) if quantized is not None else None
+    result.update(gap_4bit=gap and gap[0], relative_gap_4bit=gap and gap[1], top1_agreement_4bit=gap and gap[2])
+    result.update(training_quantization=s.quantization, seconds=round(time.time() - started, 1), **_peak(device))
     result["peak_memory_gib"] = result["peak_gpu_gib"] if device == "cuda" else result["peak_cpu_rss_gib"]
 
-    log.info("merge check: max |logit gap| merged vs 16-bit base+adapter = %.4g (%.3g%% of the largest logit "
-             "%.3g; tolerance %.3g%%)%s; gap to the %s training-time model: %s", result["max_abs_logit_gap"],
-             100 * result["relative_gap"], result["logit_scale"], 100 * s.merge_tolerance,
-             "" if result["passed"] else " FAILED", s.quantization,
-             "n/a" if result["gap_4bit"] is None else
-             f"{result['gap_4bit']:.4g} ({100 * result['relative_gap_4bit']:.3g}%)")
+    log.info("merge check: %s", describe(result, s.quantization))
     log.info("merged on %s in %s; peak memory %.2f GiB (process RSS %.2f GiB%s)", device, result["dtype"],
              result["peak_memory_gib"], result["peak_cpu_rss_gib"],
              f", GPU {result['peak_gpu_gib']:.2f} GiB" if result["peak_gpu_gib"] is not None else "")
@@ -135,63 +120,115 @@ def merge(s: Settings) -> dict:
     return result
 
 
+def describe(result: dict, quantization: str) -> str:
+    """One line for the log: the weight check, the logit check against its bound, and what failed."""
+    weights = (f"weights off base + adapter by at most {result['max_rounding_steps']:.3g} {result['dtype']} "
+               f"rounding steps, {result['weight_error_of_bound']:.3g} of the bound "
+               f"({result['adapted_tensors']} adapted tensors, {result['tensors_compared']} compared)"
+               if result.get("weights_checked") and result.get("tensors_compared") is not None
+               else "weights not checked (the base has no safetensors files)" if not result.get("weights_checked")
+               else "weights not compared")
+    line = weights
+    if result.get("max_abs_logit_gap") is not None:
+        line += (f"; logits: max gap to the unmerged base + adapter {result['max_abs_logit_gap']:.4g} "
+                 f"({100 * result['relative_gap']:.3g}% of the largest logit {result['logit_scale']:.3g}), bound "
+                 f"{result['logit_bound']:.4g} ({verify.TWIN_MARGIN:g}x what one rounding step on every adapted "
+                 f"weight moves them); top-1 agreement {100 * result['top1_agreement']:.1f}%")
+    if result.get("gap_4bit") is not None:
+        line += f"; gap to the {quantization} training-time model {result['gap_4bit']:.4g}"
+    return line + ("" if result["passed"] else " -- FAILED: " + "; ".join(result["problems"]))
+
+
 def merge_weights(tuned):
-    """Fold the adapter into the 16-bit weights (a seam for tests to break the merge on purpose)."""
+    """Fold the adapter into the base weights (a seam for tests to break the merge on purpose)."""
     return tuned.merge_and_unload(safe_merge=True)
+
+
+def save_merged(merged, tokenizer, staging: Path, max_shard_size: str) -> None:
+    """Write the merged model and its tokenizer (a seam for tests to damage the saved folder)."""
+    staging.mkdir(parents=True)
+    merged.save_pretrained(staging, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(staging)
 
 
 def _merge_and_check(s: Settings, path: str, adapter: str, tokenizer, chat_template: str, end_of_turn: int,
                      rows: list[torch.Tensor], messages: list[dict], device: str, staging: Path) -> dict:
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = merge_dtype(device)
-    log.info("merging on %s in %s (MERGE_DEVICE=%s)", device, str(dtype).removeprefix("torch."), s.merge_device)
+    dtype = merge_dtype(s, path, device)
+    log.info("merging on %s in %s (MERGE_DEVICE=%s, MERGE_DTYPE=%s)", device, verify._name(dtype), s.merge_device,
+             s.merge_dtype)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=_device_map(device),
                                                 trust_remote_code=s.trust_remote_code)
+    tied = set(base._tied_weights_keys or {}) if base.config.get_text_config().tie_word_embeddings else set()
     # peft would read the adapter onto the GPU by default, even for a CPU merge on a full GPU
     tuned = PeftModel.from_pretrained(base, adapter, torch_device="cuda:0" if device == "cuda" else "cpu")
     tuned.eval()
+    adapted = [name.removeprefix(verify.ADAPTER_PREFIX) for name, module in tuned.named_modules()
+               if isinstance(module, LoraLayer)]
     reference = logits(tuned, rows)
     merged = merge_weights(tuned)
+    merged_logits = logits(merged, rows)
     merged.generation_config = generation_config(path, merged, tokenizer, end_of_turn)
     set_distinct_pad(tokenizer, _as_list(merged.generation_config.eos_token_id))
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     tokenizer.chat_template = chat_template
-    staging.mkdir(parents=True)
-    merged.save_pretrained(staging, max_shard_size=s.merge_max_shard_size)
-    tokenizer.save_pretrained(staging)
+    save_merged(merged, tokenizer, staging, s.merge_max_shard_size)
+    twin = rounding_twin_logits(merged, adapted, rows)
     del merged, tuned, base
     _free()
 
-    # The artifact as users will load it: plain Auto classes, no dtype argument (the saved one is used).
-    loaded = AutoModelForCausalLM.from_pretrained(staging, device_map=_device_map(device),
-                                                  trust_remote_code=s.trust_remote_code)
-    loaded_tokenizer = AutoTokenizer.from_pretrained(staging, trust_remote_code=s.trust_remote_code)
+    weights = verify.check_weights(staging, path, Path(adapter), dtype, device, tied)
+    problems = list(weights["problems"])
+    try:
+        # The artifact as users will load it: plain Auto classes, no dtype argument (the saved one is used).
+        loaded = AutoModelForCausalLM.from_pretrained(staging, device_map=_device_map(device),
+                                                      trust_remote_code=s.trust_remote_code)
+        loaded_tokenizer = AutoTokenizer.from_pretrained(staging, trust_remote_code=s.trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as error:
+        problems.append(f"the saved model does not load with AutoModelForCausalLM: {str(error).splitlines()[0]}")
+        return _failed_load(device, dtype, weights, problems, reference)
     loaded_dtype = loaded.dtype
     loaded.eval()
-    gap = compare(logits(loaded, rows), reference)
+    forward = verify.compare_logits(logits(loaded, rows), merged_logits, twin, reference, dtype)
     eos_ids = _as_list(loaded.generation_config.eos_token_id)
-    prompt = loaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    text, new = generate(loaded, loaded_tokenizer, prompt, s.max_new_tokens)  # no eos_ids: the saved ones stop it
-    sample = {"prompt": prompt, "output": text, "new_tokens": len(new),
-              "stopped_at_eos": bool(new) and new[-1] in eos_ids}
+    sample = None
+    if loaded_tokenizer.chat_template == chat_template:
+        prompt = loaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # no eos_ids: the saved generation config must stop it; a few tokens prove it generates (the prompt test
+        # in evaluation already generated MAX_NEW_TOKENS from the trained model)
+        text, new = generate(loaded, loaded_tokenizer, prompt, min(s.max_new_tokens, CHECK_NEW_TOKENS))
+        sample = {"prompt": prompt, "output": text, "new_tokens": len(new),
+                  "stopped_at_eos": bool(new) and new[-1] in eos_ids}
     del loaded
     _free()
 
-    scale = gap["logit_scale"]
     checks = {
-        "logits_within_tolerance": gap["finite"] and gap["max_abs_gap"] <= s.merge_tolerance * scale,
-        "saved_16bit": loaded_dtype in (torch.bfloat16, torch.float16),
+        "weights_match": not weights["problems"],
+        "finite": forward["finite"],
+        "loads_as_merged": forward["loads_as_merged"],
+        "logits_within_rounding": forward["logits_within_rounding"],
+        "saved_dtype": loaded_dtype == dtype,
         "chat_template_saved": loaded_tokenizer.chat_template == chat_template,
         "eos_in_generation_config": tokenizer.eos_token_id in eos_ids and end_of_turn in eos_ids,
     }
-    problems = []
-    if not checks["logits_within_tolerance"]:
-        problems.append(f"max |logit gap| {gap['max_abs_gap']:.4g} exceeds MERGE_TOLERANCE={s.merge_tolerance} x "
-                        f"largest logit {scale:.4g} = {s.merge_tolerance * scale:.4g}")
-    if not checks["saved_16bit"]:
-        problems.append(f"the saved model loads as {loaded_dtype}, not 16-bit")
+    if not checks["finite"]:
+        problems.append("the logits are not finite" + (
+            f" (MERGE_DTYPE={verify._name(dtype)} overflows: use MERGE_DTYPE=bfloat16)"
+            if dtype == torch.float16 else ""))
+    if checks["finite"] and not checks["loads_as_merged"]:
+        problems.append(f"loaded back, the saved model's logits differ from the merged model's by "
+                        f"{forward['reload_gap']:.4g} (bound {forward['reload_bound']:.4g}): its config or weights "
+                        "were not saved as merged")
+    if checks["finite"] and not checks["logits_within_rounding"]:
+        problems.append(f"max |logit gap| to the unmerged base + adapter {forward['max_abs_logit_gap']:.4g} exceeds "
+                        f"{verify.TWIN_MARGIN:g}x the gap of one rounding step on every adapted weight "
+                        f"({forward['rounding_twin_gap']:.4g})")
+    if not checks["saved_dtype"]:
+        problems.append(f"the saved model loads as {verify._name(loaded_dtype)}, not MERGE_DTYPE="
+                        f"{verify._name(dtype)}")
     if not checks["chat_template_saved"]:
         problems.append("the saved tokenizer lacks the chat template used in training")
     if not checks["eos_in_generation_config"]:
@@ -199,14 +236,9 @@ def _merge_and_check(s: Settings, path: str, adapter: str, tokenizer, chat_templ
                         f"end-of-turn token {end_of_turn}")
     return {
         "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
-        "max_abs_logit_gap": gap["max_abs_gap"],
-        "mean_abs_logit_gap": gap["mean_abs_gap"],
-        "logit_scale": scale,
-        "relative_gap": gap["relative_gap"],
-        "tolerance": s.merge_tolerance,
-        "tolerance_abs": s.merge_tolerance * scale,
-        "top1_agreement": gap["top1_agreement"],
+        "dtype": verify._name(dtype),
+        **{k: v for k, v in weights.items() if k != "problems"},
+        **{k: v for k, v in forward.items() if k not in checks},
         "rows_compared": len(rows),
         "tokens_compared": sum(r.shape[1] for r in rows),
         "passed": all(checks.values()),
@@ -219,6 +251,24 @@ def _merge_and_check(s: Settings, path: str, adapter: str, tokenizer, chat_templ
         "generation": sample,
         "_reference": reference,
     }
+
+
+def _failed_load(device: str, dtype: torch.dtype, weights: dict, problems: list[str], reference) -> dict:
+    return {"device": device, "dtype": verify._name(dtype), **{k: v for k, v in weights.items() if k != "problems"},
+            "max_abs_logit_gap": None, "passed": False,
+            "checks": {"weights_match": not weights["problems"], "loads": False}, "problems": problems,
+            "_reference": reference}
+
+
+def rounding_twin_logits(merged, adapted: list[str], rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits after moving every adapted weight one rounding step up or down at random, in place (the merged
+    model is saved already): how far rounding alone moves this model's logits (job.verify)."""
+    generator = torch.Generator().manual_seed(0)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name in adapted:
+            verify.nudge(modules[name].weight.data, generator)
+    return logits(merged, rows)
 
 
 def _training_time_logits(s: Settings, path: str, adapter: str, rows: list[torch.Tensor]):
@@ -242,26 +292,52 @@ def _training_time_logits(s: Settings, path: str, adapter: str, rows: list[torch
 
 # -------------------------------------------------------------------------------------- pieces
 
-def merge_dtype(device: str) -> torch.dtype:
-    """16-bit always: bf16, or fp16 on GPUs without bf16. bf16 on CPU is supported (slower, but merging is
-    a handful of forward passes)."""
-    if device == "cuda" and not torch.cuda.is_bf16_supported():
+def merge_dtype(s: Settings, path: str, device: str) -> torch.dtype:
+    """MERGE_DTYPE, or by default the base checkpoint's own dtype (bfloat16 where it does not say); a bfloat16
+    merge on a GPU without bfloat16 becomes float16 there."""
+    if s.merge_dtype != "auto":
+        return getattr(torch, s.merge_dtype)
+    dtype = checkpoint_dtype(path, s.trust_remote_code) or torch.bfloat16
+    if dtype == torch.bfloat16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
-    return torch.bfloat16
+    return dtype
 
 
-def choose_device(s: Settings, config) -> str:
+def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The floating dtype a checkpoint is stored in: its config's dtype, else its first weight's."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    stated = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stated, str):
+        stated = getattr(torch, stated, None)
+    if isinstance(stated, torch.dtype) and stated.is_floating_point:
+        return stated
+    folder = verify.checkpoint_folder(path)
+    if folder is not None:
+        with verify.SafetensorsFolder(folder) as tensors:
+            for name in sorted(tensors.names()):
+                tensor = tensors.get(name)
+                if tensor.is_floating_point():
+                    return tensor.dtype
+    return None
+
+
+def choose_device(s: Settings, config, path: str, budget_gib: float = 0.0) -> str:
+    """cpu or cuda for the merge: the GPU when the memory it may use (free, or GPU_MEMORY_GIB) holds the model."""
     if s.merge_device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("MERGE_DEVICE=cuda but no CUDA GPU is visible; use auto or cpu")
         return "cuda"
     if s.merge_device == "cpu" or not torch.cuda.is_available():
         return "cpu"
-    need = _parameter_count(config, s) * 2 * 1.2 + 2 * 2**30  # 16-bit weights, loading slack, activations
-    free, _ = torch.cuda.mem_get_info()
-    if free < need:
-        log.info("GPU memory is short for a 16-bit merge (%.1f GiB free, ~%.1f GiB needed): merging on CPU",
-                 free / 2**30, need / 2**30)
+    width = merge_dtype(s, path, "cuda").itemsize
+    need = _parameter_count(config, s) * width * 1.2 + 2 * 2**30  # weights, loading slack, activations
+    free = torch.cuda.mem_get_info()[0]
+    room = min(free, budget_gib * 2**30) if budget_gib else free
+    if room < need:
+        log.info("GPU memory is short for the merge (%.1f GiB %s, ~%.1f GiB needed): merging on CPU", room / 2**30,
+                 "under GPU_MEMORY_GIB" if s.gpu_memory_gib else "free", need / 2**30)
         return "cpu"
     return "cuda"
 
@@ -292,21 +368,12 @@ def logits(lm, rows: list[torch.Tensor]) -> list[torch.Tensor]:
     return [lm(input_ids=row.to(device)).logits.float().cpu() for row in rows]
 
 
-def compare(candidate: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
-    """Max and mean absolute logit gap, the largest reference logit, and how often the top token agrees."""
-    gaps = [(c - r).abs() for c, r in zip(candidate, reference)]
-    finite = all(bool(torch.isfinite(c).all()) for c in candidate)
-    max_gap = max(g.max().item() for g in gaps)
+def _gap(candidate: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float, float]:
+    """Max |logit gap|, that as a share of the largest reference logit, and top-1 agreement."""
+    gap = max((c - r).abs().max().item() for c, r in zip(candidate, reference))
     scale = max(r.abs().max().item() for r in reference)
     agree = torch.cat([(c.argmax(-1) == r.argmax(-1)).flatten() for c, r in zip(candidate, reference)])
-    return {
-        "max_abs_gap": max_gap if finite else float("inf"),
-        "mean_abs_gap": torch.cat([g.flatten() for g in gaps]).mean().item(),
-        "logit_scale": scale,
-        "relative_gap": (max_gap if finite else float("inf")) / max(scale, 1e-6),
-        "top1_agreement": agree.float().mean().item(),
-        "finite": finite,
-    }
+    return gap, gap / max(scale, 1e-6), agree.float().mean().item()
 
 
 def generation_config(path: str, merged, tokenizer, end_of_turn: int | None):

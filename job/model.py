@@ -154,3 +154,25 @@ def lora_config(s: Settings, model):
                               f"its linear layers are: {', '.join(linear)}")
     return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets,
                       use_dora=s.use_dora, bias="none", task_type="CAUSAL_LM")
+
+
+def keep_dora_output_dtype(peft_model) -> int:
+    """Cast each DoRA layer's output back to its input's dtype; returns how many layers it hooked.
+
+    Under autocast, PEFT's 4- and 8-bit LoRA layers leave the dtype to autocast, but DoRA's magnitude vector is
+    float32 (TRL keeps it so: its updates are below bf16's resolution) and elementwise products are not autocast,
+    so a DoRA layer returns float32, and every layer after it runs in float32; flash attention kernels refuse it.
+    Hand-written: neither PEFT nor TRL has an option for it."""
+    from peft.tuners.lora import LoraLayer
+
+    def cast_back(module, args, output):
+        if torch.is_tensor(output) and args and torch.is_tensor(args[0]) and output.dtype != args[0].dtype:
+            return output.to(args[0].dtype)
+        return None
+
+    hooked = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and any(getattr(module, "use_dora", {}).values()):
+            module.register_forward_hook(cast_back)
+            hooked += 1
+    return hooked

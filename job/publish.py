@@ -325,8 +325,8 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
         "```", "",
     ]
     if kind == "merged":
-        lines += ["Weights are bf16 safetensors (sharded for large models); `generation_config.json` lists EOS and "
-                  "the end-of-turn token as stop tokens.", ""]
+        lines += [f"Weights are {merged.get('dtype', '16-bit')} safetensors (sharded for large models); "
+                  "`generation_config.json` lists EOS and the end-of-turn token as stop tokens.", ""]
     else:
         lines += ["Loading the adapter downloads the base model it names in `adapter_config.json`.", ""]
 
@@ -349,10 +349,15 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
                        ("perplexity before", "perplexity_before"), ("perplexity after", "perplexity_after")):
         if evaluation.get(key) is not None:
             lines.append(f"| {label} | {_num(evaluation[key])} |")
+    if merged.get("max_rounding_steps") is not None:
+        lines.append(f"| merge check: merged weights vs base + adapter, computed in float32 | within "
+                     f"{_num(merged['max_rounding_steps'])} {merged.get('dtype')} rounding steps "
+                     f"({_num(merged.get('weight_error_of_bound'))} of the bound) |")
     if merged.get("max_abs_logit_gap") is not None:
-        lines.append(f"| merge check: max logit gap, merged vs 16-bit base + adapter | "
+        lines.append(f"| merge check: max logit gap, merged vs unmerged base + adapter | "
                      f"{_num(merged['max_abs_logit_gap'])} ({_pct(merged.get('relative_gap'))} of the largest "
-                     f"logit; tolerance {_pct(merged.get('tolerance'))}) |")
+                     f"logit; bound from rounding {_num(merged.get('logit_bound'))}; top-1 agreement "
+                     f"{_pct(merged.get('top1_agreement'))}) |")
     if merged.get("gap_4bit") is not None:
         lines.append(f"| max logit gap, 16-bit vs the {s.quantization} training-time model | "
                      f"{_num(merged['gap_4bit'])} ({_pct(merged.get('relative_gap_4bit'))}) |")

@@ -147,6 +147,8 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
                             processing_class=tokenizer, peft_config=model.lora_config(s, base),
                             callbacks=list(callbacks))
     installed = speed.prepare_adapted(trainer.model, levers)
+    if s.use_dora:
+        installed["dora_layers_cast_back"] = model.keep_dora_output_dtype(trainer.model)
     installed["long_context"] = longctx.apply(trainer, s, levers, stats)  # docs/long-context.md
     speed.count_flops_once(trainer)
     return trainer, installed
