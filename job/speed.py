@@ -161,6 +161,8 @@ class Shape:
     vocab: int
     tied: bool
     plain_head: bool = True       # no logit soft-capping or scaling: the streamed output layer can stand in
+    attention_softcap: float = 0.0  # Gemma-2's tanh cap on attention scores
+    sliding_window: int = 0         # the shortest attention window of any layer, 0 when every layer sees it all
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -170,9 +172,13 @@ class Shape:
         plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale",
                                                                    "output_multiplier", "lm_head_multiplier",
                                                                    "logits_scaling"))
+        layer_types = getattr(config, "layer_types", None)
+        windowed = "sliding_attention" in layer_types if layer_types else getattr(config, "use_sliding_window", True)
         return cls(config.model_type, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size,
-                   bool(getattr(config, "tie_word_embeddings", False)), plain)
+                   bool(getattr(config, "tie_word_embeddings", False)), plain,
+                   float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+                   int(getattr(config, "sliding_window", None) or 0) if windowed else 0)
 
     @property
     def q(self) -> int:
@@ -394,11 +400,22 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None) 
     if s.attn_implementation != "auto":
         lv.attn_implementation = s.attn_implementation
         why["attn_implementation"] = "forced by ATTN_IMPLEMENTATION"
+        if shape.attention_softcap and lv.attn_implementation in (VARLEN, "sdpa", "flash_attention_2"):
+            raise ConfigError(f"ATTN_IMPLEMENTATION={lv.attn_implementation}: {shape.model_type} soft-caps attention "
+                              f"scores ({shape.attention_softcap:g}), which this kernel cannot; use auto "
+                              "(flex_attention on a GPU, eager on CPU)")
         need = {VARLEN: "varlen", "flex_attention": "flex", "flash_attention_2": "flash_attn"}.get(lv.attn_implementation)
         if need and not caps.get(need):
             raise ConfigError(f"ATTN_IMPLEMENTATION={lv.attn_implementation} is not available here "
                               f"({'needs a CUDA GPU of compute capability 8.0+ and torch.nn.attention.varlen' if need == 'varlen' else 'package or kernel missing'}); "
                               "use auto")
+    elif shape.attention_softcap or 0 < shape.sliding_window < s.max_length:
+        # neither the varlen kernel nor sdpa caps scores or limits the window; flex_attention and eager do both
+        lv.attn_implementation = "flex_attention" if device.cuda and caps.get("flex") else "eager"
+        why["attn_implementation"] = (
+            (f"attention scores soft-capped at {shape.attention_softcap:g}" if shape.attention_softcap else
+             f"a {shape.sliding_window}-token sliding window shorter than MAX_LENGTH={s.max_length}")
+            + f": {lv.attn_implementation} applies it (varlen and sdpa cannot)")
     elif not device.cuda:
         lv.attn_implementation = "sdpa"
         why["attn_implementation"] = "CPU: sdpa; packed rows get a per-sample mask from the restarted position_ids"

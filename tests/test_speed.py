@@ -186,6 +186,25 @@ def test_unpacked_batches_use_sdpa(llama3):
     assert levers.attn_implementation == "sdpa"
 
 
+def test_soft_capped_or_windowed_attention_gets_a_kernel_that_applies_it():
+    """Gemma-2 caps attention scores at 50 and Phi-3-mini sees 2,047 tokens back; varlen and sdpa would silently
+    do neither (and transformers refuses sdpa for Gemma-2)."""
+    from transformers import Gemma2Config, MistralConfig, Phi3Config
+
+    gemma = speed.Shape.of(Gemma2Config(hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                                        num_key_value_heads=8, head_dim=256, num_hidden_layers=4))
+    assert gemma.attention_softcap == 50.0 and gemma.sliding_window == 4096
+    assert speed.choose(settings(), gemma, h100(79.0), GPU_CAPS).attn_implementation == "flex_attention"
+    assert speed.choose(settings(), gemma, speed.Device("cpu", "cpu"), GPU_CAPS).attn_implementation == "eager"
+    phi3 = speed.Shape.of(Phi3Config(num_hidden_layers=4, sliding_window=2047))
+    assert speed.choose(settings(), phi3, h100(79.0), GPU_CAPS).attn_implementation == "flex_attention"
+    assert speed.choose(settings(max_length=1024), phi3, h100(79.0), GPU_CAPS).attn_implementation == "varlen"
+    mistral = speed.Shape.of(MistralConfig(sliding_window=None))  # Mistral-7B-v0.3: no window
+    assert speed.choose(settings(), mistral, h100(79.0), GPU_CAPS).attn_implementation == "varlen"
+    with pytest.raises(ConfigError, match="ATTN_IMPLEMENTATION=sdpa.*soft-caps"):
+        speed.choose(settings(attn_implementation="sdpa"), gemma, h100(79.0), GPU_CAPS)
+
+
 @pytest.mark.parametrize("raw, value", [("true", "true"), ("False", "false"), ("1", "true"), ("auto", "auto")])
 def test_lever_settings_accept_boolean_spellings(raw, value):
     assert config.load({"liger": raw}, environ={}).liger == value
