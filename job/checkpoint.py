@@ -7,17 +7,29 @@ full disk mid-write leaves either the previous state or the finished one, never 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import ConfigError
 
+log = logging.getLogger("job.checkpoint")
+
 COMPLETE = "COMPLETE"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# How long a run waits for the lock of a run that is still stopping: a requeued Slurm job or a replacement pod can
+# start while the old one checkpoints (launch.SHUTDOWN_GRACE, the pod's terminationGracePeriodSeconds: 300 s).
+LOCK_WAIT = 330
+LOCK_WAIT_VARIABLE = "JOB_LOCK_WAIT"
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,10 @@ class Layout:
     """Where each artifact lives under OUTPUT_DIR (documented in the README; scripts rely on it)."""
 
     root: Path
+
+    @property
+    def lock(self) -> Path:  # flock-ed by the one `job` process that owns the directory; names it
+        return self.root / "job.lock"
 
     @property
     def run(self) -> Path:  # the resolved settings and data fingerprint this directory belongs to
@@ -161,3 +177,62 @@ def claim(layout: Layout, identity: dict) -> None:
                           "use a new OUTPUT_DIR, or restore the settings to resume it")
     if recorded != identity:
         write_json(layout.run, identity)
+
+
+@contextlib.contextmanager
+def own(layout: Layout, wait: float | None = None):
+    """Hold OUTPUT_DIR's lock while the block runs: one `job run` (or single stage) per directory.
+
+    An flock on OUTPUT_DIR/job.lock, which the kernel releases when the holder dies, even by SIGKILL: no stale-lock
+    rule is needed on a local disk; on NFSv4 the server drops the lock of a dead client when its lease runs out
+    (about 90 s), within `wait`. Lustre grants flock only when mounted with `-o flock` (else it fails with ENOSYS):
+    the job then warns and runs without the lock. Yields the lock's file descriptor: training processes inherit it,
+    so a directory stays owned until the last of them has exited.
+
+    A lock held by someone else is waited for (JOB_LOCK_WAIT seconds, default LOCK_WAIT: a run being stopped is
+    still checkpointing), then refused with ConfigError (exit 2: two jobs were given one OUTPUT_DIR)."""
+    if wait is None:
+        wait = float(os.environ.get(LOCK_WAIT_VARIABLE, LOCK_WAIT))
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"OUTPUT_DIR={layout.root}: not writable ({error.strerror})") from None
+    try:
+        if _acquire(fd, layout, wait):
+            os.ftruncate(fd, 0)  # who holds it, for the message of a run refused here
+            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+                      .encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock unless a training process still holds the inherited descriptor
+
+
+def _acquire(fd: int, layout: Layout, wait: float) -> bool:
+    """Take the lock within `wait` seconds; False where the file system has no locks (warned)."""
+    deadline, warned = time.monotonic() + wait, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                log.warning("OUTPUT_DIR=%s: its file system refuses locks (%s), so nothing stops a second job from "
+                            "writing into it (Lustre: mount with -o flock)", layout.root, error.strerror)
+                return False
+        holder = _holder(layout)
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"OUTPUT_DIR={layout.root} is in use by another job ({holder}); waited {wait:.0f} s "
+                              f"for it to stop. One job per OUTPUT_DIR: stop it, or use another OUTPUT_DIR")
+        if not warned:
+            log.warning("OUTPUT_DIR=%s is in use by another job (%s); waiting up to %.0f s for it to stop",
+                        layout.root, holder, wait)
+            warned = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _holder(layout: Layout) -> str:
+    try:
+        return layout.lock.read_text(encoding="utf-8").strip() or "holder unknown"
+    except OSError:
+        return "holder unknown"

@@ -43,6 +43,8 @@ def with_settings(command):
     @functools.wraps(command)
     def wrapper(config_file, **flags):
         s = config.load(flags, config_file=config_file)
+        if not s.output_dir.strip():  # Path("") is the current directory
+            raise errors.ConfigError("OUTPUT_DIR is empty: set it to the directory the job may write into")
         setup_logging(Layout(s.output))
         return command(s)
     return wrapper
@@ -72,7 +74,7 @@ def train(s):
     """Train the adapter (one process; `job run` launches it on every rank)."""
     from job.train import train as train_stage
 
-    with stage("training", s):
+    with owner(s), stage("training", s):
         train_stage(s)
 
 
@@ -82,7 +84,7 @@ def evaluate(s):
     """Eval loss, perplexity and sample generations, before and after training."""
     from job.evaluate import evaluate as evaluate_stage
 
-    with stage("evaluation", s):
+    with owner(s), stage("evaluation", s):
         result = evaluate_stage(s)
     click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
@@ -93,7 +95,7 @@ def merge(s):
     """Merge the adapter into the 16-bit base, verify it, save it to OUTPUT_DIR/merged."""
     from job.merge import merge as merge_stage
 
-    with stage("merge", s):
+    with owner(s), stage("merge", s):
         result = merge_stage(s)
     click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
@@ -104,7 +106,9 @@ def push(s):
     """Push the merged model and/or adapter to HUB_MODEL_ID."""
     from job.publish import push as push_stage
 
-    click.echo(json.dumps(push_stage(s), indent=2, ensure_ascii=False))
+    with owner(s):
+        result = push_stage(s)
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 @cli.command()
@@ -158,14 +162,19 @@ def bench(arch, max_length, steps, warmup, phases, memory_cap, levers, stock_tri
 @with_settings
 def run(s):
     """The whole job: preflight, train, evaluate, merge, push. Rerun it to resume."""
-    from job.evaluate import evaluate as evaluate_stage
-    from job.preflight import preflight as check
-
     layout = Layout(s.output)
     where = launch.resolve(s)
     if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
         raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
+    with owner(s) as lock:
+        _run_stages(s, layout, where, lock)
+
+
+def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None) -> None:
+    from job.evaluate import evaluate as evaluate_stage
+    from job.preflight import preflight as check
+
     summary = Summary(layout, s)
     with launch.stop_on_signals() as signals:
         try:
@@ -174,7 +183,7 @@ def run(s):
             log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
             summary.update(status="training", plan=plan)
             if not checkpoint.is_complete(layout.adapter):
-                code = launch.run_training(s, where)  # returns once every rank has finished
+                code = launch.run_training(s, where, lock)  # returns once every rank has finished
                 if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
                     raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
                 if code != errors.EXIT_OK:
@@ -202,6 +211,17 @@ def run(s):
             summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
                            exit_code=error.exit_code, error=str(error))
             raise
+
+
+@contextlib.contextmanager
+def owner(s):
+    """Own OUTPUT_DIR while the command runs (checkpoint.own): a second job there waits, then exits 2. A training
+    process started by `job run` runs under its lock (inherited) and takes none. Yields the lock's descriptor."""
+    if launch.EXIT_DIR in os.environ:
+        yield None
+        return
+    with checkpoint.own(Layout(s.output)) as lock:
+        yield lock
 
 
 @contextlib.contextmanager

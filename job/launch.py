@@ -28,6 +28,8 @@ have exited, so no NCCL watchdog can kill them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
 import logging
 import os
@@ -63,6 +65,7 @@ ENVIRONMENT = {
     "HF_TOKEN": "Hugging Face token (prefer HF_TOKEN_FILE)",
     "HF_TOKEN_FILE": "file holding the Hugging Face token, e.g. a mounted Secret",
     "HF_HUB_OFFLINE": "1: use the cache only, never the network",
+    "JOB_LOCK_WAIT": "seconds a job waits for another one to release OUTPUT_DIR (default 330), then exits 2",
     "GLOO_SOCKET_IFNAME": "network interface for gloo (CPU) traffic between machines, e.g. eth0",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "NCCL error handling (PyTorch's)",
     "PYTORCH_CUDA_ALLOC_CONF": "CUDA allocator options, e.g. expandable_segments:True",
@@ -330,18 +333,20 @@ def child_env(s: Settings, t: Topology, exit_dir: str, environ: dict | None = No
 
 # ------------------------------------------------------------------------------------------- running
 
-def run_training(s: Settings, where: Topology | None = None) -> int:
-    """Run this machine's training processes to the end and return their exit code (0, 75 preempted, ...)."""
+def run_training(s: Settings, where: Topology | None = None, lock: int | None = None) -> int:
+    """Run this machine's training processes to the end and return their exit code (0, 75 preempted, ...).
+
+    `lock` is OUTPUT_DIR's lock (checkpoint.own): the child inherits it, so a training process that outlives `job
+    run` (killed by SIGKILL) keeps the directory from a new owner until it has stopped."""
     where = where or resolve(s)
     cmd = command(s, where)
     exit_dir = tempfile.mkdtemp(prefix="job-exit-")
     launcher = cmd[1:3] != ["-m", "job"]  # accelerate/torchrun between us and the training processes
     log.info("machine %d of %d (%s), %d process(es) of %d: %s", where.machine_rank, where.num_machines,
              where.device, where.num_processes, where.world_size, " ".join(cmd))
-    # SIGUSR1 (Slurm's --signal) would kill torchrun, which has no handler for it; ignored there, it is
-    # inherited as ignored until the training process installs its own handler (GuardCallback).
     child = subprocess.Popen(cmd, env=child_env(s, where, exit_dir), start_new_session=True,
-                             preexec_fn=_ignore_usr1 if launcher else None)
+                             pass_fds=() if lock is None else (lock,),
+                             preexec_fn=functools.partial(_in_child, os.getpid(), launcher))
     stop = _Stopper(child, launcher)
     previous = {sig: signal.signal(sig, stop.request) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
@@ -396,8 +401,23 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _ignore_usr1():
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _in_child(parent: int, launcher: bool) -> None:
+    """Run in the child between fork and exec: tie it to `job run`, and keep SIGUSR1 from killing a launcher."""
+    # The child runs in a session of its own (a Ctrl-C reaches only `job run`, which forwards it), so nothing else
+    # ends it if `job run` dies by SIGKILL: the kernel sends it SIGTERM then, and it checkpoints and stops as on a
+    # preemption (torchrun passes SIGTERM on to the training processes) instead of training on beside a rerun.
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # `job run` died before the line above
+            os._exit(errors.EXIT_PREEMPTED)
+    # SIGUSR1 (Slurm's --signal) would kill torchrun, which has no handler for it; ignored there, it is
+    # inherited as ignored until the training process installs its own handler (GuardCallback).
+    if launcher:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _Stopper:

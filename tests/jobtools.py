@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The settings `trained_output` (tests/conftest.py) trains with. MAX_STEPS is part of a run's identity, so a
 # later stage run on (a copy of) that output passes the same ones.
 TRAINED = {"MAX_STEPS": "12", "SAVE_STEPS": "5", "EVAL_STEPS": "6"}
-SHARD = "1MB"  # the tiny model is ~1.6 MB in bf16: two shards, so sharding is exercised everywhere
+SHARD = "1MB"
+STEP_LINE = re.compile(r"step (\d+)/\d+ loss=([\d.]+)")  # the training log's progress line  # the tiny model is ~1.6 MB in bf16: two shards, so sharding is exercised everywhere
 
 
 def job_env(hf_home: Path, **settings) -> dict[str, str]:
@@ -51,3 +54,22 @@ def settings_for(output: Path, **extra) -> Settings:
 
     return config.load(environ={"OUTPUT_DIR": str(output), "MERGE_MAX_SHARD_SIZE": SHARD, **TRAINED,
                                 **{k: str(v) for k, v in extra.items()}})
+
+
+def start_job(hf_home: Path, command: str, log_path: Path, **settings) -> subprocess.Popen:
+    """`job <command>` in the background, in a session of its own, its output appended to log_path."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "job", command], cwd=REPO, stdout=log, stderr=log,
+                                env=job_env(hf_home, **settings), start_new_session=True)
+
+
+def wait_for_step(log_path: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the log shows optimizer step `step` (LOGGING_STEPS=1), failing if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        seen = [int(m.group(1)) for m in STEP_LINE.finditer(log_path.read_text(errors="replace"))]
+        if seen and max(seen) >= step:
+            return
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached")

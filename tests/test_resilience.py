@@ -6,7 +6,6 @@ same number of optimizer steps, follow the same per-step losses and reach the sa
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,8 @@ import time
 
 import pytest
 
-from tests.jobtools import REPO, TRAINED, copy_output, job_env, read_summary, run_job
+from tests.jobtools import (REPO, STEP_LINE, TRAINED, copy_output, job_env, read_summary, run_job, start_job,
+                            wait_for_step)
 from job import checkpoint
 from job.checkpoint import Layout
 from job.errors import EXIT_PREEMPTED
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 
 STEPS = 24
 SETTINGS = dict(MAX_STEPS=STEPS, SAVE_STEPS=3, EVAL_STEPS=STEPS, LOGGING_STEPS=1, SAVE_TOTAL_LIMIT=2)
-STEP_LINE = re.compile(r"step (\d+)/\d+ loss=([\d.]+)")
 
 
 def losses(output) -> dict[int, float]:
@@ -45,20 +44,7 @@ def reference(tmp_path_factory, hf_home):
 
 
 def start(hf_home, command, output, log_path, **extra):
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "job", command], cwd=REPO, stdout=log, stderr=log,
-                            env=job_env(hf_home, OUTPUT_DIR=output, **{**SETTINGS, **extra}), start_new_session=True)
-
-
-def wait_for_step(log_path, step, process, timeout=300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        seen = [int(m.group(1)) for m in STEP_LINE.finditer(log_path.read_text(errors="replace"))]
-        if seen and max(seen) >= step:
-            return
-        assert process.poll() is None, log_path.read_text()[-3000:]
-        time.sleep(0.1)
-    raise TimeoutError(f"step {step} not reached")
+    return start_job(hf_home, command, log_path, OUTPUT_DIR=output, **{**SETTINGS, **extra})
 
 
 def test_kill_9_five_times_then_finish_like_an_uninterrupted_run(tmp_path, hf_home, reference):
