@@ -9,7 +9,6 @@ Rerunning resumes from the newest complete checkpoint; a finished run is not tra
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -83,9 +82,7 @@ def train(s: Settings) -> dict:
              prepared.stats["train_rows"], prepared.stats["eval_rows"], _params(trainer.model))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if guard.failed:
-        raise TrainingFailed(f"training {guard.failed} at step {trainer.state.global_step}; "
-                             "lower LEARNING_RATE. Checkpoints up to the last good step are kept")
+    trainer.check_finite()  # the steps since the last log or save, before the adapter is saved
     if guard.stop_requested:
         raise Preempted(f"stopped by a signal at step {trainer.state.global_step}; checkpoint written")
 
@@ -198,8 +195,9 @@ def _device_map(s: Settings, state):
 
 
 def check_adapter(directory: Path) -> None:
-    """Fail loudly on an adapter saved without its weights (ZeRO-3 and FSDP can write empty tensors or none) or
-    with nothing learned (every LoRA B still zero, as initialized: a gather or a load that put nothing back)."""
+    """Fail loudly on an adapter saved without its weights (ZeRO-3 and FSDP can write empty tensors or none), with
+    values that are not finite, or with nothing learned (every LoRA B still zero, as initialized: a gather or a
+    load that put nothing back)."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("adapter_model*.safetensors"))
@@ -210,6 +208,10 @@ def check_adapter(directory: Path) -> None:
         empty = [n for n in names if not weights.get_slice(n).get_shape() or 0 in weights.get_slice(n).get_shape()]
         b_matrices = [n for n in names if "lora_B" in n and n not in empty]
         learned = any(weights.get_tensor(n).count_nonzero() for n in b_matrices)
+        diverged = [n for n in names if n not in empty and not torch.isfinite(weights.get_tensor(n)).all()]
+    if diverged:  # the last guard before sealing: a NaN adapter is never marked COMPLETE
+        raise TrainingFailed(f"the saved adapter {files[0]} holds values that are not finite ({len(diverged)} "
+                             f"tensors, e.g. {diverged[0]}): training diverged; lower LEARNING_RATE")
     if not names or empty:
         raise TrainingFailed(f"the saved adapter {files[0]} has {len(names)} tensors, {len(empty)} of them empty "
                              f"(e.g. {(empty or ['-'])[0]}): the strategy did not gather the weights before saving")
@@ -303,9 +305,45 @@ class JobTrainer(SFTTrainer):
 
 
 class AtomicCheckpointTrainer(JobTrainer):
-    """SFTTrainer whose checkpoints appear complete or not at all (see job.checkpoint)."""
+    """SFTTrainer whose checkpoints appear complete or not at all (see job.checkpoint), and only of finite weights.
+
+    A loss or gradient norm that is not finite at any optimizer step stops training with TrainingFailed (exit 3)
+    before the next log, checkpoint or adapter save, so none of them holds a diverged model. Each step only ORs a
+    flag on the device; it is read (a sync, agreed across ranks) where the Trainer reads the loss back anyway."""
 
     keep_checkpoints = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._nonfinite = None  # (loss, gradient norm) flags since the last check, on the device
+        self._checked_step = 0  # the last step known finite
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # tr_loss sums the losses since the last log, so one NaN step keeps it NaN until it is read
+        norm = tr_loss.new_zeros(()) if grad_norm is None else torch.as_tensor(grad_norm, device=tr_loss.device)
+        flags = ~torch.isfinite(torch.stack([tr_loss.detach().float().sum(), norm.detach().float()]))
+        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
+        if self.control.should_log or self.control.should_save or self.control.should_training_stop:
+            self.check_finite()
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def check_finite(self) -> None:
+        """Raise TrainingFailed if a loss or gradient norm since the last check was not finite, on any rank."""
+        if self._nonfinite is None:
+            return
+        loss, norm = _max_over_ranks(self._nonfinite.float()).tolist()
+        self._nonfinite = None
+        if not (loss or norm):
+            self._checked_step = self.state.global_step
+            return
+        kept = checkpoint.latest_checkpoint(Path(self.args.output_dir))
+        what = " and ".join(name for name, bad in (("the loss", loss), ("the gradient norm", norm)) if bad)
+        raise TrainingFailed(
+            f"{what} stopped being finite between steps {self._checked_step} and {self.state.global_step}: "
+            f"LEARNING_RATE={self.args.learning_rate:g} is too high for this model and data (or a row is "
+            f"degenerate). Nothing after step {self._checked_step} was saved. To train again, lower LEARNING_RATE in "
+            f"a new OUTPUT_DIR (it is part of the run's identity); a rerun here resumes from "
+            f"{kept.name if kept else 'the start'} and meets the same step unless the fault was transient")
 
     def _get_output_dir(self, trial):
         # Trainer writes checkpoint-N here; _save_checkpoint seals it and renames it into place
@@ -325,7 +363,7 @@ class AtomicCheckpointTrainer(JobTrainer):
 
 
 class GuardCallback(TrainerCallback):
-    """Stops training cleanly on a preemption signal (checkpoint, then exit 75) or a non-finite loss or gradient.
+    """Stops training cleanly on a preemption signal (checkpoint, then exit 75).
 
     Every rank traps the signal; the flag is agreed across ranks each step so all of them save
     the same checkpoint and stop together.
@@ -334,7 +372,6 @@ class GuardCallback(TrainerCallback):
     def __init__(self):
         self.signalled = False
         self.stop_requested = False
-        self.failed = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -351,25 +388,19 @@ class GuardCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # the gradient norm too: a backward can overflow while the loss stays finite (the job turns transformers'
-        # logging_nan_inf_filter off, so a NaN loss is logged as NaN, not as the running mean)
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                self.failed = f"{key} {value}"
-                control.should_training_stop = True
-                break
-        return control
-
 
 def _any_rank(flag: bool) -> bool:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(_max_over_ranks(torch.tensor([1.0 if flag else 0.0], device=device)).item())
+
+
+def _max_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each element's largest value over the ranks (`values` on the backend's device: CUDA under NCCL)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values
 
 
 class ProgressCallback(TrainerCallback):

@@ -1,7 +1,6 @@
 """The training stage on the real 4-bit path: outputs, retention, idempotent reruns."""
 
 import json
-import math
 
 import pytest
 
@@ -134,16 +133,15 @@ def test_the_job_trainer_logs_what_trl_logs(tiny_model, tiny_tokenizer, tmp_path
     assert [k for k in keys if k in job_history[-1]] == list(keys[5:])
 
 
-def test_a_diverged_run_stops_at_its_first_nan(tiny_model, tiny_tokenizer, tmp_path):
-    """transformers' logging_nan_inf_filter (on by default) logs the running mean in place of a NaN loss, so a run
-    whose weights went NaN logged finite losses forever; the job turns the filter off, so the NaN loss is logged,
-    and the guard stops the run at the first log after it."""
-    import signal
-
+def test_a_nan_between_log_lines_stops_the_run_at_the_next_log(tiny_model, tiny_tokenizer, tmp_path):
+    """The guard sees every optimizer step, not only logged ones: weights gone NaN at step 3 stop the run at the
+    next log (step 4 of 8, LOGGING_STEPS=4) with TrainingFailed, before anything NaN is logged or saved. (Before,
+    only logged values were checked, so a NaN between log lines was sealed into the adapter.)"""
     import torch
     from transformers import TrainerCallback
 
-    from job.train import STOP_SIGNALS, GuardCallback
+    from job.errors import TrainingFailed
+    from job.train import AtomicCheckpointTrainer
 
     class Poison(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -151,16 +149,9 @@ def test_a_diverged_run_stops_at_its_first_nan(tiny_model, tiny_tokenizer, tmp_p
                 with torch.no_grad():
                     next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # the guard traps them; pytest's come back
-    try:
-        guard = GuardCallback()
-        trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=[guard, Poison()],
-                                eval_strategy="no", max_steps=6, logging_steps=1)
+    trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, callbacks=[Poison()], eval_strategy="no",
+                            max_steps=8, logging_steps=4, trainer_class=AtomicCheckpointTrainer)
+    with pytest.raises(TrainingFailed, match="between steps 0 and 4: LEARNING_RATE="):
         trainer.train()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert all(math.isfinite(loss) for loss in losses[:2]) and math.isnan(losses[2])
-    assert guard.failed == "loss nan"
-    assert trainer.state.global_step == 3  # stopped at the first NaN step's log, not after all 6
+    assert trainer.state.global_step == 4  # the first read-back after the NaN step, not after all 8
+    assert not [h for h in trainer.state.log_history if "loss" in h]  # the NaN was never logged
