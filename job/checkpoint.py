@@ -3,6 +3,9 @@
 A directory (checkpoint, adapter, merged model) counts only once its COMPLETE marker exists. It is
 written under a staging name, fsynced, marked, then renamed into place, so a kill -9, node loss or
 full disk mid-write leaves either the previous state or the finished one, never a broken "latest".
+COMPLETE lists each file's size and SHA-256, so damage done later (a file truncated or changed by a
+storage fault or by hand) is found before a checkpoint or the adapter is used (`damage`), and the
+damaged directory is moved aside, never deleted (`set_aside_if_damaged`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -87,11 +91,16 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
-def _fsync_tree(path: Path) -> None:
+def _fsync_and_list(path: Path) -> dict[str, list]:
+    """fsync every file under `path`; relative path -> [size, sha256] of each."""
+    files = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+            files[file.relative_to(path).as_posix()] = [os.fstat(handle.fileno()).st_size,
+                                                        hashlib.file_digest(handle, "sha256").hexdigest()]
     _fsync_dir(path)
+    return files
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,15 +112,56 @@ def _fsync_dir(path: Path) -> None:
 
 
 def seal(staging: Path, final: Path) -> Path:
-    """Make `staging` durable, mark it complete and move it to `final` (replacing an older one)."""
-    _fsync_tree(staging)
-    (staging / COMPLETE).write_text("ok\n")
+    """Make `staging` durable, mark it complete (with its files' sizes and checksums) and move it to `final`
+    (replacing an older one)."""
+    files = _fsync_and_list(staging)
+    (staging / COMPLETE).write_text(json.dumps({"files": files}, indent=1) + "\n")
     _fsync_dir(staging)
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
     _fsync_dir(final.parent)
     return final
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the sealed directory `path`: a file missing, or cut short or changed since it was sealed;
+    None when it is intact (or was sealed before COMPLETE listed its files, and cannot be checked)."""
+    try:
+        files = json.loads((path / COMPLETE).read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    except OSError as error:
+        return f"{path / COMPLETE}: {error.strerror}"
+    for name, (size, digest) in files.items():
+        file = path / name
+        try:
+            with open(file, "rb") as handle:
+                found = os.fstat(handle.fileno()).st_size
+                if found != size:
+                    return f"{file} has {found} bytes, {size} when it was sealed"
+                if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
+                    return f"{file} changed since it was sealed (its checksum differs)"
+        except OSError as error:
+            return f"{file}: {error.strerror}"
+    return None
+
+
+def set_aside_if_damaged(path: Path) -> str | None:
+    """If the sealed directory `path` is damaged, move it aside (named so that nothing reads it as a checkpoint or
+    the adapter again; never deleted) and say what was wrong and where it went; else None."""
+    why = damage(path) if is_complete(path) else None
+    if why is None:
+        return None
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    path.rename(aside)
+    log.warning("%s is damaged: %s. Moved aside to %s", path, why, aside)
+    return f"{why}; moved aside to {aside}"
+
+
+def intact(path: Path) -> bool:
+    """Whether `path` is sealed and undamaged; a damaged one is moved aside first (set_aside_if_damaged)."""
+    return set_aside_if_damaged(path) is None and is_complete(path)
 
 
 def write_json(path: Path, data) -> None:
@@ -148,6 +198,15 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 def latest_checkpoint(directory: Path) -> Path | None:
     complete = complete_checkpoints(directory)
     return complete[-1] if complete else None
+
+
+def latest_intact_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint that is undamaged; newer damaged ones are moved aside (with a warning naming
+    the bad file), so a resume falls back to the one before instead of failing on it at every rerun."""
+    for path in reversed(complete_checkpoints(directory)):
+        if intact(path):
+            return path
+    return None
 
 
 def rotate(directory: Path, keep: int) -> list[Path]:

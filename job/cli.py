@@ -85,6 +85,7 @@ def evaluate(s):
     from job.evaluate import evaluate as evaluate_stage
 
     with owner(s), stage("evaluation", s):
+        check_adapter_intact(s)
         result = evaluate_stage(s)
     click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
@@ -96,6 +97,7 @@ def merge(s):
     from job.merge import merge as merge_stage
 
     with owner(s), stage("merge", s):
+        check_adapter_intact(s)
         result = merge_stage(s)
     click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
@@ -182,7 +184,7 @@ def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None) -> 
             plan["launch"] = where.describe()
             log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
             summary.update(status="training", plan=plan)
-            if not checkpoint.is_complete(layout.adapter):
+            if not checkpoint.intact(layout.adapter):  # a damaged one is moved aside and rebuilt
                 code = launch.run_training(s, where, lock)  # returns once every rank has finished
                 if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
                     raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
@@ -211,6 +213,15 @@ def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None) -> 
             summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
                            exit_code=error.exit_code, error=str(error))
             raise
+
+
+def check_adapter_intact(s) -> None:
+    """Before a single stage reads adapter/: a damaged one is moved aside and refused (exit 2) naming the bad file.
+    `job train` (or `job run`, which does this itself) rebuilds it from the last checkpoint."""
+    why = checkpoint.set_aside_if_damaged(Layout(s.output).adapter)
+    if why:
+        raise errors.ConfigError(f"the adapter is damaged: {why}. Run `job train` (or `job run`) to rebuild it from "
+                                 "the last checkpoint")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,9 @@ def train(s: Settings) -> dict:
     if s.strategy == "fsdp":
         patch_peft_for_fsdp1()  # before any checkpoint is saved or resumed
     layout = Layout(s.output)
+    if state.is_main_process:
+        checkpoint.intact(layout.adapter)  # a damaged adapter is moved aside, and rebuilt from the last checkpoint
+    state.wait_for_everyone()
     if checkpoint.is_complete(layout.adapter):
         log.info("training already finished: %s", layout.adapter)
         return checkpoint.read_json(layout.metrics / "train.json") or {}
@@ -49,6 +52,7 @@ def train(s: Settings) -> dict:
         checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
         shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
         layout.checkpoints.mkdir(parents=True, exist_ok=True)
+        checkpoint.latest_intact_checkpoint(layout.checkpoints)  # before rotation, which keeps the newest
         checkpoint.rotate(layout.checkpoints, s.save_total_limit)
     state.wait_for_everyone()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(layout.tensorboard))
