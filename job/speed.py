@@ -455,7 +455,9 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None) 
                           "one autograd function per adapted layer: fewer passes over the activations" if lv.lora_kernel
                           else f"PEFT's own layers: STRATEGY={s.strategy} shards the weights the kernel reads "
                           "(untested)" if sharded and device.cuda
-                          else "CPU: PEFT's own layers" if kernel_ok else "PEFT's own layers (int8 or DoRA)")
+                          else "CPU: PEFT's own layers" if kernel_ok else
+                          "PEFT's own layers: the fused layer has no DoRA magnitude" if s.use_dora else
+                          "PEFT's own layers: the fused layer reads 4-bit or 16-bit weights, not int8")
 
     nf4_ok = lv.lora_kernel and s.quantization == "nf4" and device.cuda and caps.get("triton", False)
     lv.nf4_kernel = _flag(s.nf4_kernel, nf4_ok)
