@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import ConfigError
+from job.errors import ConfigError, Refused, StorageError
 
 log = logging.getLogger("job.checkpoint")
 
@@ -164,16 +164,63 @@ def intact(path: Path) -> bool:
     return set_aside_if_damaged(path) is None and is_complete(path)
 
 
-def write_json(path: Path, data) -> None:
-    """Write a JSON file atomically (temporary name, fsync, rename)."""
+def write_json(path: Path, data, root: Path | None = None) -> None:
+    """Write a JSON file atomically (temporary name, fsync, rename); a failed write leaves the old file alone and no
+    temporary one behind (and, under OUTPUT_DIR `root`, a full disk raises StorageError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    with removed_on_failure(tmp, root):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+
+
+STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EROFS: "the file system became read-only"}
+# torch.save's C++ writer reports a failed write without its errno
+TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed", "file write failed")
+NEARLY_FULL = 16 * 2**20  # bytes free under which a write that failed without saying why is taken for a full disk
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: Path, root: Path | None = None):
+    """Write `path` (a temporary file or staging directory) in the block; if the block fails, remove it, so nothing
+    half-written stays behind and a full disk gets its space back. Under OUTPUT_DIR `root`, a failure that comes
+    from the storage itself becomes StorageError naming the disk (exit 2, not 1 with a C++ message)."""
+    try:
+        yield
+    except BaseException as error:
+        # (whether the disk is full is read before the space is given back)
+        problem = storage_problem(error, root) if root is not None and isinstance(error, Exception) else None
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if problem:
+            raise StorageError(f"OUTPUT_DIR={root}: {problem} while writing {path.name}. Nothing of it was kept; "
+                               "free space (or use a larger disk), then rerun: it resumes from the last complete "
+                               "checkpoint") from error
+        raise
+
+
+def storage_problem(error: BaseException, root: Path) -> str | None:
+    """What is wrong with OUTPUT_DIR's storage if `error` (or what it was raised from) comes from it, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return f"{STORAGE_ERRNOS[error.errno]} ({error.strerror})"
+        if isinstance(error, RuntimeError) and any(text in str(error) for text in TORCH_WRITE_FAILURES):
+            with contextlib.suppress(OSError):
+                usage = shutil.disk_usage(root)
+                if usage.free < NEARLY_FULL:
+                    return f"the disk is full ({usage.free // 2**20} MiB free of {usage.total // 2**20} MiB)"
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
 
 
 def read_json(path: Path):
@@ -226,16 +273,26 @@ def rotate(directory: Path, keep: int) -> list[Path]:
 
 
 def claim(layout: Layout, identity: dict) -> None:
-    """Record which run owns OUTPUT_DIR; refuse to resume someone else's checkpoints with new settings."""
-    recorded = read_json(layout.run)
-    has_work = bool(complete_checkpoints(layout.checkpoints)) or is_complete(layout.adapter)
-    if recorded and has_work and recorded != identity:
+    """Record which run owns OUTPUT_DIR; refuse to resume someone else's checkpoints with new settings, or
+    checkpoints whose run.json is gone or damaged (their settings are unknown: it is never written over them)."""
+    if not (complete_checkpoints(layout.checkpoints) or is_complete(layout.adapter)):
+        if read_json(layout.run) != identity:
+            write_json(layout.run, identity)
+        return
+    try:
+        recorded = json.loads(layout.run.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        why = "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
+    else:
+        why = None if isinstance(recorded, dict) else f"holds {type(recorded).__name__}, not settings"
+    if why:
+        raise Refused(f"{layout.run} {why}, but OUTPUT_DIR holds checkpoints: run.json records the settings they were "
+                      "made with, so they cannot be resumed without it. Restore it, or use a new OUTPUT_DIR")
+    if recorded != identity:
         changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
         detail = ", ".join(f"{k.upper()}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in changed)
-        raise ConfigError(f"OUTPUT_DIR={layout.root} holds checkpoints of a different run ({detail}); "
-                          "use a new OUTPUT_DIR, or restore the settings to resume it")
-    if recorded != identity:
-        write_json(layout.run, identity)
+        raise Refused(f"OUTPUT_DIR={layout.root} holds checkpoints of a different run ({detail}); "
+                      "use a new OUTPUT_DIR, or restore the settings to resume it")
 
 
 @contextlib.contextmanager
@@ -281,7 +338,7 @@ def _acquire(fd: int, layout: Layout, wait: float) -> bool:
                 return False
         holder = _holder(layout)
         if time.monotonic() >= deadline:
-            raise ConfigError(f"OUTPUT_DIR={layout.root} is in use by another job ({holder}); waited {wait:.0f} s "
+            raise Refused(f"OUTPUT_DIR={layout.root} is in use by another job ({holder}); waited {wait:.0f} s "
                               f"for it to stop. One job per OUTPUT_DIR: stop it, or use another OUTPUT_DIR")
         if not warned:
             log.warning("OUTPUT_DIR=%s is in use by another job (%s); waiting up to %.0f s for it to stop",

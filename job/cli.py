@@ -189,7 +189,8 @@ def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None) -> 
                 if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
                     raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
                 if code != errors.EXIT_OK:
-                    summary.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code)
+                    summary.stopped(code, f"training ended with exit code {code}: {errors.EXIT_CODES.get(code, '')} "
+                                          f"(the message is in {layout.root / 'logs'}/job-rank*.log)")
                     raise SystemExit(code)
             signals.check()
             summary.update(status="evaluating")
@@ -209,9 +210,9 @@ def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None) -> 
                 push_stage(s)
                 signals.check()
             summary.update(status="done", exit_code=0)
-        except errors.JobError as error:
-            summary.update(status="preempted" if isinstance(error, errors.Preempted) else "failed",
-                           exit_code=error.exit_code, error=str(error))
+        except Exception as error:  # handled or a bug: summary.json never stays "training" or "merging"
+            if not isinstance(error, errors.Refused):  # a refused run leaves the directory as it found it
+                summary.failed(error)
             raise
 
 
@@ -292,12 +293,30 @@ class Summary:
         self.layout, self.settings = layout, s
         self.extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
+    def failed(self, error: Exception) -> None:
+        self.stopped(getattr(error, "exit_code", errors.EXIT_UNEXPECTED), str(error) or type(error).__name__)
+
+    def stopped(self, code: int, error: str) -> None:
+        """Record why the run stopped. A summary that cannot be written (the disk is full) is logged, and the error
+        that stopped the run stays the one reported."""
+        try:
+            self.update(status="preempted" if code == errors.EXIT_PREEMPTED else "failed", exit_code=code, error=error)
+        except (OSError, errors.JobError):
+            try:  # a full disk has no room for the temporary copy: the old summary's own space takes the new one
+                self.layout.summary.write_text(json.dumps(self.contents(), indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+            except OSError as problem:
+                log.warning("summary.json could not be updated: %s", problem)
+
     def update(self, **fields):
         self.extra.update(fields)
+        checkpoint.write_json(self.layout.summary, self.contents(), root=self.layout.root)
+
+    def contents(self) -> dict:
         metrics = {name: checkpoint.read_json(self.layout.metrics / f"{name}.json") or {}
                    for name in ("train", "evaluate", "merge", "push")}
         train, evaluation = metrics["train"], metrics["evaluate"]
-        summary = {
+        return {
             "status": self.extra.get("status"),
             "exit_code": self.extra.get("exit_code"),
             "error": self.extra.get("error"),
@@ -319,7 +338,6 @@ class Summary:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": json.loads(config.to_json(self.settings)),
         }
-        checkpoint.write_json(self.layout.summary, summary)
 
 
 class RedactToken(logging.Filter):

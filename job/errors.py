@@ -19,7 +19,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, run again to resum
 EXIT_CODES = {
     EXIT_OK: "done (or nothing left to do)",
     EXIT_UNEXPECTED: "unexpected error (a bug: please report it with the log)",
-    EXIT_BAD_INPUT: "bad settings or data; the message names the variable or file:row; never retried",
+    EXIT_BAD_INPUT: "bad settings or data, or OUTPUT_DIR in use, full or read-only; the message names the variable, "
+                    "file:row or path; never retried",
     EXIT_TRAINING_FAILED: "training failed (e.g. loss became NaN); checkpoints kept",
     EXIT_VERIFY_FAILED: "the merged model does not match the adapter; nothing was pushed",
     EXIT_PUSH_FAILED: "push to the Hub failed after retries; the merged model is on disk, rerun to push",
@@ -38,8 +39,18 @@ class ConfigError(JobError):
     exit_code = EXIT_BAD_INPUT
 
 
+class Refused(ConfigError):
+    """OUTPUT_DIR belongs to another run (other settings, or a job still running there). Nothing in it is changed."""
+
+
 class DataError(JobError):
     """The data is wrong. The message names the file, row and column."""
+    exit_code = EXIT_BAD_INPUT
+
+
+class StorageError(JobError):
+    """OUTPUT_DIR cannot take what the job writes: the disk or quota is full, or it became read-only. The message
+    names the path. Never retried: the same storage fails the same way until a person frees or fixes it."""
     exit_code = EXIT_BAD_INPUT
 
 

@@ -104,14 +104,16 @@ def train(s: Settings) -> dict:
     state.wait_for_everyone()
     if trainer.is_fsdp_enabled:  # the adapter as one file, not per-rank shards
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(staging))  # every rank: under FSDP and ZeRO-3 the weights are gathered from all
+    with checkpoint.removed_on_failure(staging, layout.root):
+        trainer.save_model(str(staging))  # every rank: under FSDP and ZeRO-3 the weights are gathered from all
+        if state.is_main_process:
+            check_adapter(staging)
+            tokenizer.chat_template = prepared.chat_template
+            tokenizer.save_pretrained(staging)
+            checkpoint.write_json(staging / "job.json", {"end_of_turn_id": prepared.end_of_turn_id,
+                                                         "base_model": s.base_model, "resolved_base": path})
+            checkpoint.seal(staging, layout.adapter)
     if state.is_main_process:
-        check_adapter(staging)
-        tokenizer.chat_template = prepared.chat_template
-        tokenizer.save_pretrained(staging)
-        checkpoint.write_json(staging / "job.json", {"end_of_turn_id": prepared.end_of_turn_id,
-                                                     "base_model": s.base_model, "resolved_base": path})
-        checkpoint.seal(staging, layout.adapter)
         checkpoint.write_json(layout.metrics / "train.json", metrics)
         plot_loss(trainer.state.log_history, layout.loss_plot)
         log.info("adapter saved: %s", layout.adapter)
@@ -354,15 +356,16 @@ class AtomicCheckpointTrainer(JobTrainer):
         return os.path.join(self.args.output_dir, ".staging")
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            name = f"checkpoint-{self.state.global_step}"
-            staged = Path(self._get_output_dir(trial), name)
-            if any(staged.glob("adapter_model*.safetensors")):  # (FSDP writes sharded state instead)
-                check_adapter(staged)  # an adapter saved empty fails at the first checkpoint, not after training
-            final = checkpoint.seal(staged, Path(self.args.output_dir, name))
-            checkpoint.rotate(final.parent, self.keep_checkpoints)
+        name = f"checkpoint-{self.state.global_step}"
+        staged = Path(self._get_output_dir(trial), name)
+        with checkpoint.removed_on_failure(staged, Path(self.args.output_dir).parent):  # a full disk: exit 2
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero():
+                if any(staged.glob("adapter_model*.safetensors")):  # (FSDP writes sharded state instead)
+                    check_adapter(staged)  # an adapter saved empty fails at the first checkpoint, not after training
+                final = checkpoint.seal(staged, Path(self.args.output_dir, name))
+                checkpoint.rotate(final.parent, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
 
