@@ -26,6 +26,7 @@ PRESETS = Path(__file__).parent / "presets"
 PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.yaml")))
 SHARDED = ("fsdp", "zero3")  # strategies that split each weight across the ranks
 HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # user/name on the Hub
+NAME_PAIRS = re.compile(r"\s*[^=,\s][^=,]*=[^=,]*[^=,\s]\s*(,\s*[^=,\s][^=,]*=[^=,]*[^=,\s]\s*)*")  # a=b, c=d
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training",
@@ -61,6 +62,11 @@ class Settings:
     response_column: str | None = setting(None, "With DATA_FORMAT=template: the column holding the answer.",
                                           group="inputs")
     system_prompt: str | None = setting(None, "System message put before every conversation.", group="inputs")
+    column_map: str | None = setting(None, "Columns renamed before the format is read, comma-separated old=new, e.g. "
+                                     "dialog=messages or question=prompt,answer=completion.", group="inputs")
+    role_map: str | None = setting(None, "More role names in conversations, comma-separated name=role (role: "
+                                   "system, user, assistant or tool), e.g. bot=assistant; ShareGPT's human, gpt, "
+                                   "function_call and observation are known already.", group="inputs")
     prompt_format: str = setting("auto", "Chat rendering: the tokenizer's own template, or a named one for base "
                                  "models without one; auto picks the tokenizer's, else the model family's.",
                                  choices=("auto", "tokenizer", "mistral", "llama-3", "chatml"), group="inputs")
@@ -339,6 +345,12 @@ def validate(s: Settings) -> list[str]:
     elif s.prompt_template or s.response_column:
         problems.append("PROMPT_TEMPLATE and RESPONSE_COLUMN only apply with DATA_FORMAT=template "
                         f"(DATA_FORMAT={s.data_format!r})")
+    for name in ("column_map", "role_map"):
+        need(getattr(s, name) is None or bool(NAME_PAIRS.fullmatch(getattr(s, name))), name,
+             "must be comma-separated name=name pairs, e.g. bot=assistant")
+    if s.role_map and NAME_PAIRS.fullmatch(s.role_map):
+        need(set(name_pairs(s.role_map).values()) <= {"system", "user", "assistant", "tool"}, "role_map",
+             "each name must map to system, user, assistant or tool")
     need(s.push_retries >= 0, "push_retries", "must be 0 or more")
     need(s.push_backoff >= 0, "push_backoff", "must be 0 or more seconds")
     need(bool(re.fullmatch(r"\d+(GB|MB|KB|GiB|MiB|KiB)", s.merge_max_shard_size)), "merge_max_shard_size",
@@ -363,6 +375,11 @@ def validate(s: Settings) -> list[str]:
     need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
          "must be a comma-separated subset of tensorboard, wandb, mlflow, none")
     return problems
+
+
+def name_pairs(text: str) -> dict[str, str]:
+    """COLUMN_MAP / ROLE_MAP: 'a=b, c=d' -> {'a': 'b', 'c': 'd'} (checked against NAME_PAIRS by validate)."""
+    return dict((side.strip() for side in pair.split("=")) for pair in text.split(","))
 
 
 def to_json(s: Settings) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job.checkpoint import is_complete, read_json, seal, write_json
-from job.config import BUILTIN_DATASET, Settings
+from job.config import BUILTIN_DATASET, Settings, name_pairs
 from job.errors import ConfigError, DataError
 
 log = logging.getLogger("job.data")
@@ -32,7 +32,15 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 INSTRUCTION_COLUMNS = ("instruction",)
 INPUT_COLUMNS = ("input", "context")
 OUTPUT_COLUMNS = ("output", "response")
-ROLES = {"system", "user", "assistant"}
+# Role names in conversations, as the job's roles: OpenAI's, ShareGPT's (human, gpt) and LLaMA-Factory's
+# function-calling ShareGPT (function_call: an assistant turn whose value is the call as JSON; observation: its
+# result). ROLE_MAP adds more.
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+              "function_call": "assistant", "tool": "tool", "observation": "tool"}
+# What may follow each turn: the order strict chat templates (Mistral's, Llama-2's) enforce, with tool results only
+# after an assistant turn that calls tools ("calls") and before the assistant's next turn.
+NEXT_ROLES = {"start": ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",),
+              "calls": ("tool",), "tool": ("tool", "assistant")}
 
 # Named prompt formats for base models without a chat template. `{eot}` becomes the format's
 # end-of-turn token where the tokenizer has it, else its EOS, so every answer ends in one token.
@@ -68,6 +76,19 @@ PROMPT_FORMATS = {
 class Row:
     where: str  # "file.jsonl:12" or "dataset[split]:12", for error messages
     record: dict
+
+
+@dataclass
+class Chat:
+    """A conversation to train on: its turns ({role, content}, plus tool_calls on assistant turns and tool_call_id or
+    name on tool turns), the tools offered (passed to the chat template as `tools=`), and how many leading turns are
+    prompt only (a conversational prompt/completion row trains on its completion alone)."""
+    messages: list[dict]
+    tools: list[dict] | None = None
+    prompt_turns: int = 0
+
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any(m["role"] == "tool" or "tool_calls" in m for m in self.messages)
 
 
 @dataclass
@@ -178,11 +199,21 @@ def detect_format(columns: set[str]) -> str:
         return "text"
     raise DataError(f"DATA_FORMAT=auto cannot tell the format from the columns {sorted(columns)}: expected "
                     "messages; instruction + output/response; prompt + completion; or text. "
-                    "Set DATA_FORMAT (template with PROMPT_TEMPLATE and RESPONSE_COLUMN maps any columns).")
+                    "Set DATA_FORMAT (template with PROMPT_TEMPLATE and RESPONSE_COLUMN maps any columns), "
+                    "or rename columns with COLUMN_MAP.")
 
 
-def to_messages(row: Row, data_format: str, s: Settings) -> list[dict] | str:
-    """A row as a chat (list of role/content turns), or as plain text for DATA_FORMAT=text."""
+def map_columns(rows: list[Row], s: Settings) -> list[Row]:
+    """Rows with their columns renamed as COLUMN_MAP says, so the formats below see the names they know."""
+    if not s.column_map:
+        return rows
+    renames = name_pairs(s.column_map)
+    return [Row(row.where, {renames.get(k, k): v for k, v in row.record.items()})
+            if isinstance(row.record, dict) else row for row in rows]
+
+
+def to_messages(row: Row, data_format: str, s: Settings) -> Chat | str:
+    """A row as a conversation, or as plain text for DATA_FORMAT=text."""
     r = row.record
     if not isinstance(r, dict):
         raise DataError(f"{row.where}: expected an object with columns, got {type(r).__name__}")
@@ -201,65 +232,194 @@ def to_messages(row: Row, data_format: str, s: Settings) -> list[dict] | str:
     def first(columns: tuple[str, ...]) -> str | None:
         return next((c for c in columns if c in r), None)
 
+    def side(column: str, role: str) -> list[dict]:
+        """A prompt or completion: a list of turns (conversational), or text as one turn of `role`."""
+        if isinstance(r.get(column), list):
+            return _turns(r[column], column, row.where, roles)
+        return [{"role": role, "content": text(column)}]
+
+    roles = {**ROLE_NAMES, **(name_pairs(s.role_map) if s.role_map else {})}
+    tools, prompt_turns = None, 0
     if data_format == "text":
         return text("text")
     if data_format == "messages":
-        turns = r.get("messages", r.get("conversations"))
-        if not isinstance(turns, list) or not turns:
-            raise DataError(f"{row.where}: column 'messages' must be a non-empty list of role/content turns")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-                raise DataError(f"{row.where}: messages[{i}] must be {{'role': system|user|assistant, "
-                                f"'content': text}}, got {turn!r}")
-            messages.append({"role": turn["role"], "content": turn["content"]})
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            raise DataError(f"{row.where}: messages has no non-empty assistant turn to learn from")
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"{row.where}: messages must end with an assistant turn")
-    elif data_format == "instruction":
-        instruction = text(first(INSTRUCTION_COLUMNS) or "instruction")
-        extra = text(first(INPUT_COLUMNS), required=False) if first(INPUT_COLUMNS) else ""
-        answer = text(first(OUTPUT_COLUMNS) or "output")
-        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
-                    {"role": "assistant", "content": answer}]
+        column = "messages" if "messages" in r else "conversations"
+        messages = _turns(r.get(column), column, row.where, roles)
+        labels = [f"{column}[{i}]" for i in range(len(messages))]
+        tools = _tools(r.get("tools"), row.where)
     elif data_format == "prompt_completion":
-        messages = [{"role": "user", "content": text("prompt")}, {"role": "assistant", "content": text("completion")}]
-    elif data_format == "template":
-        try:
-            prompt = s.prompt_template.format_map({k: v for k, v in r.items()})
-        except KeyError as error:
-            raise DataError(f"{row.where}: PROMPT_TEMPLATE names column {error.args[0]!r}, which the row lacks "
-                            f"(columns: {sorted(r)})") from None
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text(s.response_column)}]
+        prompt, completion = side("prompt", "user"), side("completion", "assistant")
+        messages, prompt_turns = prompt + completion, len(prompt)
+        labels = [f"prompt[{i}]" for i in range(len(prompt))] + [f"completion[{i}]" for i in range(len(completion))]
+        tools = _tools(r.get("tools"), row.where)
     else:
-        raise ConfigError(f"DATA_FORMAT={data_format!r} is not a known format")
+        if data_format == "instruction":
+            instruction = text(first(INSTRUCTION_COLUMNS) or "instruction")
+            extra = text(first(INPUT_COLUMNS), required=False) if first(INPUT_COLUMNS) else ""
+            prompt = f"{instruction}\n\n{extra}" if extra else instruction
+            answer = text(first(OUTPUT_COLUMNS) or "output")
+        elif data_format == "template":
+            try:
+                prompt = s.prompt_template.format_map({k: v for k, v in r.items()})
+            except KeyError as error:
+                raise DataError(f"{row.where}: PROMPT_TEMPLATE names column {error.args[0]!r}, which the row lacks "
+                                f"(columns: {sorted(r)})") from None
+            answer = text(s.response_column)
+        else:
+            raise ConfigError(f"DATA_FORMAT={data_format!r} is not a known format")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        labels = ["prompt", "answer"]
+    check_roles(messages, labels, row.where)
+    if not any(m["role"] == "assistant" and (m["content"].strip() or "tool_calls" in m)
+               for m in messages[prompt_turns:]):
+        raise DataError(f"{row.where}: no non-empty assistant turn to learn from"
+                        + (" in the completion" if prompt_turns else ""))
     if s.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": s.system_prompt})
+        prompt_turns += 1
+    return Chat(messages, tools, prompt_turns)
+
+
+def _turns(value, column: str, where: str, roles: dict[str, str]) -> list[dict]:
+    """A list of turns in any of the shapes other tools train on: OpenAI's {role, content} (content as text or as a
+    list of {type: text, text} blocks; tool_calls; tool turns) and ShareGPT's {from, value}."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: column {column!r} must be a non-empty list of turns ({{role, content}} or "
+                        "{from, value})")
+    messages = []
+    for i, turn in enumerate(value):
+        label = f"{column}[{i}]"
+        if not isinstance(turn, dict) or not ({"role", "from"} & turn.keys()):
+            raise DataError(f"{where}: {label} must be {{'role': ..., 'content': ...}} or {{'from': ..., 'value': "
+                            f"...}}, got {turn!r}")
+        name, content = (turn["role"], turn.get("content")) if "role" in turn else (turn["from"], turn.get("value"))
+        role = roles.get(name)
+        if role is None:
+            raise DataError(f"{where}: {label} has role {name!r}; known: {', '.join(sorted(roles))} (ROLE_MAP adds "
+                            f"names, e.g. ROLE_MAP={name}=assistant)")
+        if name == "function_call":  # LLaMA-Factory: the value is the call, {"name", "arguments"} or a list of them
+            calls = _json(content, f"{label} (function_call)", where)
+            calls = calls if isinstance(calls, list) else [calls]
+            message = {"role": "assistant", "content": "", "tool_calls": [_tool_call(c, label, where) for c in calls]}
+        else:
+            message = {"role": role, "content": _content(content, label, where, turn.get("tool_calls"))}
+        if turn.get("tool_calls"):
+            if role != "assistant":
+                raise DataError(f"{where}: {label} is a {role} turn with tool_calls; only assistant turns call tools")
+            if not isinstance(turn["tool_calls"], list):
+                raise DataError(f"{where}: {label}: tool_calls must be a list, got {turn['tool_calls']!r}")
+            message["tool_calls"] = [_tool_call(c, label, where) for c in turn["tool_calls"]]
+        if role == "tool":
+            message.update({k: turn[k] for k in ("tool_call_id", "name") if turn.get(k) is not None})
+        messages.append(message)
     return messages
+
+
+def _content(content, label: str, where: str, tool_calls) -> str:
+    """A turn's content as text. Blocks are joined as the chat templates of multimodal models render them (one after
+    the other); an assistant turn that only calls tools may have none."""
+    if isinstance(content, str):
+        return content
+    if content is None and tool_calls:
+        return ""
+    if isinstance(content, list) and content:
+        for block in content:
+            if not (isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)):
+                raise DataError(f"{where}: {label}: content blocks must be {{'type': 'text', 'text': ...}} (the job "
+                                f"trains on text only), got {block!r}")
+        return "".join(block["text"] for block in content)
+    raise DataError(f"{where}: {label}: content must be text or a list of {{'type': 'text', 'text': ...}} blocks, "
+                    f"got {content!r}")
+
+
+def _json(value, label: str, where: str):
+    """A value that may come as JSON text (LLaMA-Factory's tools and calls; OpenAI's call arguments)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: {label} is not valid JSON ({error.msg}): {value[:80]!r}") from None
+
+
+def _tool_call(call, label: str, where: str) -> dict:
+    """A call as chat templates read it: {type: function, function: {name, arguments as an object}}. OpenAI data
+    holds the arguments as JSON text, which templates that print them with `tojson` would quote a second time."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    function = function if isinstance(function, dict) else {}
+    arguments = _json(function.get("arguments") or {}, f"{label} arguments", where)
+    if not isinstance(function.get("name"), str) or not isinstance(arguments, dict):
+        raise DataError(f"{where}: {label}: a tool call must be {{'function': {{'name': ..., 'arguments': {{...}}}}}} "
+                        f"or {{'name': ..., 'arguments': {{...}}}}, got {call!r}")
+    result = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        result["id"] = call["id"]
+    return result
+
+
+def _tools(value, where: str) -> list[dict] | None:
+    """The tools column: function definitions ({type: function, function: {name, ...}} or {name, ...}), as a list
+    or as JSON text of one (LLaMA-Factory); passed to the chat template as they are."""
+    tools = _json(value, "column 'tools'", where) if value not in (None, "") else None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(_tool_name(t) for t in tools):
+        raise DataError(f"{where}: column 'tools' must be a list of function definitions, each with a name "
+                        f"({{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}), got {value!r}")
+    return tools
+
+
+def _tool_name(tool) -> str | None:
+    function = tool.get("function", tool) if isinstance(tool, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def check_roles(messages: list[dict], labels: list[str], where: str) -> None:
+    """Refuse turns in an order that strict chat templates raise on (NEXT_ROLES), whatever PROMPT_FORMAT is: the
+    same row is then a bad row, named and skippable, under every format, never trained by one and fatal to another."""
+    state = "start"
+    for i, message in enumerate(messages):
+        if message["role"] not in NEXT_ROLES[state]:
+            before = "assistant, calling tools" if state == "calls" else state
+            after = "at the start" if state == "start" else f"after {labels[i - 1]} ({before})"
+            raise DataError(f"{where}: {labels[i]} ({message['role']}) comes {after}: turns must be an optional "
+                            "system turn, then user and assistant taking turns, tool results only right after the "
+                            "assistant turn that calls the tools")
+        state = "calls" if "tool_calls" in message else message["role"]
+    if state not in ("assistant", "calls"):
+        raise DataError(f"{where}: the conversation must end with an assistant turn (the last is {state})")
 
 
 # ----------------------------------------------------------------------------- prompt rendering
 
-def chat_template_for(s: Settings, tokenizer, model_type: str) -> str:
-    """The Jinja chat template used to render training data; it is saved with the adapter and model."""
-    name = s.prompt_format
-    if name in ("auto", "tokenizer") and tokenizer.chat_template:
-        return tokenizer.chat_template
-    if name == "tokenizer":
+def prompt_format_name(s: Settings, tokenizer, model_type: str) -> str:
+    """The prompt format that renders the data: "tokenizer" (its own chat template) or a named one."""
+    if s.prompt_format in ("auto", "tokenizer") and tokenizer.chat_template:
+        return "tokenizer"
+    if s.prompt_format == "tokenizer":
         raise ConfigError("PROMPT_FORMAT=tokenizer but the tokenizer has no chat template; "
                           f"choose one of: {', '.join(PROMPT_FORMATS)}")
-    if name == "auto":
-        vocab = tokenizer.get_vocab()
-        name = ("mistral" if model_type == "mistral" else
-                "llama-3" if "<|eot_id|>" in vocab else "chatml")
+    if s.prompt_format == "auto":
+        return ("mistral" if model_type == "mistral" else
+                "llama-3" if "<|eot_id|>" in tokenizer.get_vocab() else "chatml")
+    return s.prompt_format
+
+
+def chat_template_for(s: Settings, tokenizer, model_type: str) -> str:
+    """The Jinja chat template used to render training data; it is saved with the adapter and model."""
+    name = prompt_format_name(s, tokenizer, model_type)
+    if name == "tokenizer":
+        return tokenizer.chat_template
     fmt = PROMPT_FORMATS[name]
     eot = fmt["eot"] if fmt["eot"] in tokenizer.get_vocab() else tokenizer.eos_token
     return fmt["template"].replace("{eot}", eot)
 
 
-def render(messages: list[dict] | str, tokenizer, template: str) -> list[tuple[str, bool]]:
-    """Text segments with whether each is trained on: assistant turns are, everything else is not.
+def render(messages: list[dict] | str, tokenizer, template: str, tools: list[dict] | None = None,
+           prompt_turns: int = 0) -> list[tuple[str, bool]]:
+    """Text segments with whether each is trained on: assistant turns are (those among the first prompt_turns
+    excepted), everything else is not.
 
     Each assistant turn is the difference between the conversation rendered through it and the
     prompt rendered up to it, so any chat template works, not only the named ones.
@@ -270,15 +430,54 @@ def render(messages: list[dict] | str, tokenizer, template: str) -> list[tuple[s
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], chat_template=template, tokenize=False,
+        prompt = tokenizer.apply_chat_template(messages[:i], chat_template=template, tools=tools, tokenize=False,
                                                add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], chat_template=template, tokenize=False)
+        through = tokenizer.apply_chat_template(messages[: i + 1], chat_template=template, tools=tools,
+                                                tokenize=False)
         if not (prompt.startswith(done) and through.startswith(prompt)):
             raise ConfigError("PROMPT_FORMAT: the chat template does not render conversations as growing "
                               "prefixes, so answers cannot be located; choose a named format")
-        segments += [(prompt[len(done):], False), (through[len(prompt):], True)]
+        segments += [(prompt[len(done):], False), (through[len(prompt):], i >= prompt_turns)]
         done = through
     return segments
+
+
+def render_row(row: Row, chat: Chat | str, tokenizer, template: str, format_name: str,
+               s: Settings) -> list[tuple[str, bool]]:
+    """render() for one row, with what goes wrong for this row alone (a template that refuses it, tools that the
+    format cannot render) raised as a DataError naming the row, so SKIP_BAD_ROWS can skip it."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    if isinstance(chat, str):
+        return render(chat, tokenizer, template)
+    if chat.uses_tools() and format_name != "tokenizer":
+        chosen = format_name if s.prompt_format == format_name else f"{s.prompt_format} (here {format_name})"
+        raise DataError(f"{row.where}: the row has tools, tool calls or tool results, which PROMPT_FORMAT={chosen} "
+                        "cannot render: the named formats have no tool syntax. Tools need a tokenizer whose chat "
+                        "template renders them (PROMPT_FORMAT=auto or tokenizer)")
+    try:
+        segments = render(chat.messages, tokenizer, template, chat.tools, chat.prompt_turns)
+    except TemplateSyntaxError as error:  # the template itself is broken: every row would fail
+        raise ConfigError(f"PROMPT_FORMAT={s.prompt_format}: the chat template does not parse: {error}") from None
+    except (TemplateError, TypeError) as error:  # raise_exception(...) in strict templates, or a failed operation
+        raise DataError(f"{row.where}: the chat template (PROMPT_FORMAT={s.prompt_format}) refuses this row: "
+                        f"{error}") from None
+    if chat.uses_tools():
+        _check_tools_rendered(chat, segments, row.where, s)
+    return segments
+
+
+def _check_tools_rendered(chat: Chat, segments: list[tuple[str, bool]], where: str, s: Settings) -> None:
+    """A template that ignores `tools` or tool_calls renders without error, and the model would learn answers without
+    their calls: each tool's name must be in the prompt before the first answer, each call's name in its answer."""
+    first_prompt, answers = segments[0][0], [text for text, _ in segments[1::2]]
+    missing = [f"the tool {_tool_name(tool)!r}" for tool in chat.tools or [] if _tool_name(tool) not in first_prompt]
+    turns = [m for m in chat.messages if m["role"] == "assistant"]
+    missing += [f"the call of {call['function']['name']!r}" for message, answer in zip(turns, answers)
+                for call in message.get("tool_calls", []) if call["function"]["name"] not in answer]
+    if missing:
+        raise DataError(f"{where}: the tokenizer's chat template (PROMPT_FORMAT={s.prompt_format}) leaves out "
+                        f"{missing[0]}: it does not render tools, so this row cannot be trained as it is")
 
 
 def tokenize(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
@@ -316,8 +515,8 @@ def fingerprint(s: Settings, tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     h.update(hashlib.sha256(vocab.encode()).digest())
     for name in ("dataset_split", "eval_split", "data_format", "prompt_template", "response_column",
-                 "system_prompt", "prompt_format", "skip_bad_rows", "max_length", "eval_fraction",
-                 "max_eval_samples", "seed"):
+                 "system_prompt", "column_map", "role_map", "prompt_format", "skip_bad_rows", "max_length",
+                 "eval_fraction", "max_eval_samples", "seed"):
         h.update(f"{name}={getattr(s, name)!r};".encode())
     return h.hexdigest()[:16]
 
@@ -327,8 +526,9 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
     import datasets
 
     template = chat_template_for(s, tokenizer, model_type)
-    train_rows = read_rows(s, s.dataset_split)
-    eval_rows = read_rows(s, s.eval_split) if s.eval_split else []
+    format_name = prompt_format_name(s, tokenizer, model_type)
+    train_rows = map_columns(read_rows(s, s.dataset_split), s)
+    eval_rows = map_columns(read_rows(s, s.eval_split), s) if s.eval_split else []
     if not train_rows:
         raise DataError(f"DATASET={s.dataset}: split {s.dataset_split!r} has no rows")
     data_format = s.data_format if s.data_format != "auto" else detect_format(set(train_rows[0].record))
@@ -336,10 +536,12 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
     skipped: list[str] = []
 
     def convert(rows):
+        """(conversation, rendered segments) of each good row; a bad row stops the job, or is skipped and counted."""
         out = []
         for row in rows:
             try:
-                out.append(to_messages(row, data_format, s))
+                chat = to_messages(row, data_format, s)
+                out.append((chat, render_row(row, chat, tokenizer, template, format_name, s)))
             except DataError as error:
                 if not s.skip_bad_rows:
                     raise DataError(f"{error} (set SKIP_BAD_ROWS=true to skip such rows)") from None
@@ -347,6 +549,9 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         return out
 
     train_chats, eval_chats = convert(train_rows), convert(eval_rows)
+    if not train_chats:
+        raise DataError(f"every one of the {len(train_rows)} training rows is bad (SKIP_BAD_ROWS=true skipped them "
+                        f"all); the first: {skipped[0]}")
     if not eval_chats and s.eval_fraction > 0 and len(train_chats) > 1:
         order = list(range(len(train_chats)))
         random.Random(s.seed).shuffle(order)
@@ -362,8 +567,7 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
     def encode(chats):
         nonlocal eot
         columns = {"input_ids": [], "labels": []}
-        for chat in chats:
-            segments = render(chat, tokenizer, template)
+        for _, segments in chats:
             if eot is None:
                 eot = end_of_turn_id(segments, tokenizer)
             ids, labels = tokenize(segments, tokenizer)
@@ -405,8 +609,10 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         "tokens_max": lengths_sorted[-1],
         "train_tokens": sum(len(x) for x in train["input_ids"]),
     }
-    samples = [{"messages": chat[:-1], "reference": chat[-1]["content"]}
-               for chat in eval_chats[: s.sample_prompts] if not isinstance(chat, str)]
+    # the prompt test (evaluate, merge) renders prompts without tools=, so it takes plain conversations only
+    plain = [chat for chat, _ in eval_chats if isinstance(chat, Chat) and not chat.uses_tools()]
+    samples = [{"messages": chat.messages[:-1], "reference": chat.messages[-1]["content"]}
+               for chat in plain[: s.sample_prompts]]
     return Prepared(train, evaluation, template, eot, samples, stats)
 
 
