@@ -35,9 +35,10 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
 
     layout = Layout(s.output)
     check_output_dir(layout)
-    if s.hub_model_id and not publish.token():
-        raise ConfigError(f"HUB_MODEL_ID={s.hub_model_id} asks for a push but no token was found: set HF_TOKEN "
-                          "or HF_TOKEN_FILE (a mounted secret)")
+    if s.hub_model_id and checkpoint.is_complete(layout.adapter):
+        publish.require_token(s)  # a finished run's rerun contacts the Hub only to push
+    elif s.hub_model_id:
+        publish.check_access(s)
     path = model.resolve(s.base_model)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)

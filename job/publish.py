@@ -9,7 +9,9 @@
 - Transient failures (timeouts, connection errors, 429, 5xx) are retried PUSH_RETRIES times with
   exponential backoff from PUSH_BACKOFF seconds (a longer Retry-After wins); anything else, or
   running out of retries, raises PushFailed (exit 5). The merged model stays on disk and a rerun
-  of `job run` goes straight to the push.
+  of `job run` goes straight to the push. A token the Hub refuses (401) or that may not write to the
+  repo (403) is bad settings: exit 2 naming HF_TOKEN or HF_TOKEN_FILE, never retried; `check_access`
+  asks the Hub before training.
 - OUTPUT_DIR/metrics/push.json records the repo, commit and a fingerprint of what was pushed; a
   rerun with the same repo and unchanged local files does nothing, without contacting the Hub.
 """
@@ -37,6 +39,8 @@ log = logging.getLogger("job.publish")
 # Retried besides every 5xx: 408 and 429; 409, 412 and 423, where another commit (perhaps our own,
 # whose answer was lost to a timeout) moved the branch or holds the repo: the next attempt looks again.
 RETRY_STATUS = {408, 409, 412, 423, 425, 429}
+# The token is wrong (401) or may not write there (403): bad settings, exit 2, never retried.
+AUTH_STATUS = {401, 403}
 # The client's shared HTTP client has no timeouts at all, so a stalled connection would hang the job;
 # these are per network operation (not per upload), so a large shard still uploads at any speed.
 HUB_TIMEOUT = {"connect": 30.0, "read": 300.0, "write": 300.0, "pool": 60.0}
@@ -56,6 +60,75 @@ def token() -> str | None:
     return value or None
 
 
+def token_source() -> str:
+    """Where the token comes from, for messages: the variable, or the file HF_TOKEN_FILE names."""
+    return "HF_TOKEN" if os.environ.get("HF_TOKEN") else f"HF_TOKEN_FILE={os.environ.get('HF_TOKEN_FILE')}"
+
+
+def require_token(s: Settings) -> str:
+    """The token a push to HUB_MODEL_ID needs, or ConfigError saying why there is none (naming HF_TOKEN_FILE's path
+    when that file is missing, unreadable or empty)."""
+    secret = token()
+    if secret:
+        return secret
+    path = os.environ.get("HF_TOKEN_FILE")
+    if path and not os.environ.get("HF_TOKEN"):
+        try:
+            Path(path).read_text(encoding="utf-8")
+            why = "is empty"
+        except OSError as error:
+            why = f"cannot be read ({error.strerror})"
+        raise ConfigError(f"HF_TOKEN_FILE={path} {why}: HUB_MODEL_ID={s.hub_model_id} needs a token to push. Mount "
+                          "the secret there, or set HF_TOKEN")
+    raise ConfigError(f"HUB_MODEL_ID={s.hub_model_id} asks for a push but no token was found: set HF_TOKEN or "
+                      "HF_TOKEN_FILE (a mounted secret)")
+
+
+def check_access(s: Settings) -> None:
+    """Before training: ask the Hub who the token belongs to, so a wrong, expired or read-only token stops the job
+    now (exit 2) instead of after hours of training. The Hub being unreachable only warns: the push retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    secret = require_token(s)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        log.warning("HF_HUB_OFFLINE is set: the token for HUB_MODEL_ID=%s is not checked before training",
+                    s.hub_model_id)
+        return
+    try:
+        with _timeouts():
+            me = HfApi(token=secret).whoami()
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status in AUTH_STATUS:
+            raise _auth_error(s, "checking the token", status) from None
+        log.warning("could not check the token for HUB_MODEL_ID=%s before training: %s", s.hub_model_id,
+                    _describe(error))
+        return
+    except Exception as error:  # unreachable: the push will retry
+        log.warning("could not check the token for HUB_MODEL_ID=%s before training: %s", s.hub_model_id,
+                    _describe(error))
+        return
+    role = me.get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise ConfigError(f"the token from {token_source()} is read-only: HUB_MODEL_ID={s.hub_model_id} needs a "
+                          "token with write access")
+    namespace = s.hub_model_id.split("/")[0]
+    mine = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
+    if role == "write" and namespace not in mine:
+        raise ConfigError(f"HUB_MODEL_ID={s.hub_model_id}: the token from {token_source()} belongs to "
+                          f"{me.get('name')}, who may not create repos under {namespace} (theirs: "
+                          f"{', '.join(sorted(n for n in mine if n))})")
+
+
+def _auth_error(s: Settings, what: str, status: int) -> ConfigError:
+    if status == 401:
+        return ConfigError(f"the Hub refused the token from {token_source()} (HTTP 401 while {what}): it is wrong or "
+                           f"expired. Set a valid write token; HUB_MODEL_ID={s.hub_model_id}")
+    return ConfigError(f"the token from {token_source()} may not write to HUB_MODEL_ID={s.hub_model_id} (HTTP "
+                       f"{status} while {what}): give it write access to that repo, or push elsewhere")
+
+
 # ------------------------------------------------------------------------------------------ push
 
 def push(s: Settings) -> dict:
@@ -63,10 +136,7 @@ def push(s: Settings) -> dict:
     repo = s.hub_model_id
     if not repo:
         raise ConfigError("HUB_MODEL_ID is not set: there is nowhere to push to")
-    secret = token()
-    if not secret:
-        raise ConfigError(f"HUB_MODEL_ID={repo} asks for a push but no token was found: set HF_TOKEN or "
-                          "HF_TOKEN_FILE (a mounted secret)")
+    secret = require_token(s)
     parts = ["merged", "adapter"] if s.push_what == "both" else [s.push_what]
     _check_ready(layout, parts)
     plan = upload_plan(s, layout, parts)
@@ -190,6 +260,9 @@ def _retry(s: Settings, what: str, call):
         try:
             return call()
         except Exception as error:  # classified below; everything else becomes PushFailed
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if status in AUTH_STATUS:
+                raise _auth_error(s, what, status) from None
             transient, wait_hint = _classify(error)
             text = _describe(error)
             if not transient:

@@ -13,7 +13,7 @@ import yaml
 
 from job import checkpoint, cli, config
 from job.checkpoint import Layout
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PUSH_FAILED, PushFailed
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PUSH_FAILED, ConfigError, PushFailed
 from job.publish import push
 from tests.hubserver import patch_hf_client, running_hub
 from tests.jobtools import SHARD, TRAINED, copy_output, read_summary, run_job, settings_for
@@ -161,10 +161,10 @@ def test_persistent_failures_raise_push_failed_and_keep_the_merged_model(hub, ou
     assert hub.counts["commit"] == 3 and len(hub.commits(REPO)) == 1
     assert checkpoint.is_complete(layout.merged) and not (layout.metrics / "push.json").exists()
 
-    # Not transient: a rejected token is not retried.
+    # Not transient: a rejected token is bad settings (exit 2, not 5 "retry"), and not retried.
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token")
     before = hub.counts["create_repo"]
-    with pytest.raises(PushFailed, match="HTTP 401.*not retried"):
+    with pytest.raises(ConfigError, match=r"refused the token from HF_TOKEN \(HTTP 401"):
         push(s)
     assert hub.counts["create_repo"] == before + 1
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -218,9 +218,34 @@ def test_push_asked_without_token_fails_fast_with_exit_2(tmp_path, monkeypatch, 
             cli.main([command])
         assert exit_info.value.code == EXIT_BAD_INPUT == 2
         captured = capsys.readouterr()
-        assert "no token was found: set HF_TOKEN or HF_TOKEN_FILE" in caplog.text + captured.err
+        assert f"HF_TOKEN_FILE={tmp_path / 'missing-secret'} cannot be read (No such file or directory)" in \
+            caplog.text + captured.err  # before: only "no token was found"
         caplog.clear()
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_token_the_hub_refuses_stops_job_run_before_training_with_exit_2(tmp_path, hf_home):
+    output = tmp_path / "out"
+    with running_hub(tmp_path / "hub", TOKEN) as hub:
+        result = run_job(hf_home, "run", OUTPUT_DIR=output, HUB_MODEL_ID=REPO, HF_TOKEN="hf_wrong",
+                         HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", **TRAINED)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
+    assert "the Hub refused the token from HF_TOKEN (HTTP 401 while checking the token)" in result.stderr
+    assert not Layout(output).checkpoints.exists()  # before: found only after training and merging, exit 5
+    assert "hf_wrong" not in result.stderr
+
+
+def test_a_401_while_pushing_exits_2_naming_the_token_file_and_is_not_retried(hub, output, monkeypatch, caplog,
+                                                                              tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("hf_expired\n")
+    monkeypatch.setenv("HF_TOKEN_FILE", str(secret))
+    seen = len(hub.requests)
+    with pytest.raises(ConfigError, match=f"refused the token from HF_TOKEN_FILE={secret} \\(HTTP 401") as error:
+        push(settings_for(output, HUB_MODEL_ID=REPO, **FAST))
+    assert error.value.exit_code == EXIT_BAD_INPUT
+    kinds = [record.kind for record in hub.requests[seen:]]
+    assert len(kinds) == len(set(kinds)) and "retry" not in caplog.text  # before: retried, then exit 5
 
 
 @pytest.mark.slow
