@@ -275,24 +275,23 @@ def rotate(directory: Path, keep: int) -> list[Path]:
 def claim(layout: Layout, identity: dict) -> None:
     """Record which run owns OUTPUT_DIR; refuse to resume someone else's checkpoints with new settings, or
     checkpoints whose run.json is gone or damaged (their settings are unknown: it is never written over them)."""
-    if not (complete_checkpoints(layout.checkpoints) or is_complete(layout.adapter)):
-        if read_json(layout.run) != identity:
-            write_json(layout.run, identity)
-        return
     try:
         recorded = json.loads(layout.run.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        why = "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
+        recorded, why = None, "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
     else:
         why = None if isinstance(recorded, dict) else f"holds {type(recorded).__name__}, not settings"
-    if why:
+    checkpoints = complete_checkpoints(layout.checkpoints)
+    if why and checkpoints:
         raise Refused(f"{layout.run} {why}, but OUTPUT_DIR holds checkpoints: run.json records the settings they were "
                       "made with, so they cannot be resumed without it. Restore it, or use a new OUTPUT_DIR")
-    if recorded != identity:
+    if not why and (checkpoints or is_complete(layout.adapter)) and recorded != identity:
         changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
         detail = ", ".join(f"{k.upper()}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in changed)
         raise Refused(f"OUTPUT_DIR={layout.root} holds checkpoints of a different run ({detail}); "
                       "use a new OUTPUT_DIR, or restore the settings to resume it")
+    if recorded != identity:
+        write_json(layout.run, identity)
 
 
 @contextlib.contextmanager
