@@ -307,7 +307,10 @@ def own(layout: Layout, wait: float | None = None):
     A lock held by someone else is waited for (JOB_LOCK_WAIT seconds, default LOCK_WAIT: a run being stopped is
     still checkpointing), then refused with ConfigError (exit 2: two jobs were given one OUTPUT_DIR)."""
     if wait is None:
-        wait = float(os.environ.get(LOCK_WAIT_VARIABLE, LOCK_WAIT))
+        try:
+            wait = float(os.environ.get(LOCK_WAIT_VARIABLE, LOCK_WAIT))
+        except ValueError:
+            raise ConfigError(f"{LOCK_WAIT_VARIABLE}={os.environ[LOCK_WAIT_VARIABLE]!r}: expected seconds") from None
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)

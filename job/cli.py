@@ -169,7 +169,7 @@ def run(s):
     if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
         raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
-    with owner(s) as lock:
+    with owner(s) as lock:  # machine 0's lock stands for every machine: they share OUTPUT_DIR
         _run_stages(s, layout, where, lock)
 
 
