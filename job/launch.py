@@ -431,6 +431,7 @@ class _Stopper:
 
     def request(self, signum, frame):
         if signum == signal.SIGINT and self.signum:  # a second Ctrl-C: stop now, no checkpoint
+            log.warning("second Ctrl-C: killing training now, without a checkpoint (a rerun resumes from the last one)")
             self.forced = True
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.child.pid, signal.SIGKILL)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -376,3 +377,17 @@ def test_preflight_prints_the_layout_it_found(tmp_path, hf_home):
         2, 1, 1, 2)  # no GPU here: one process per machine
     assert layout["main"].startswith("gpu07:") and layout["from"]["machine_rank"] == "slurm"
     assert layout["command"][1:3] == ["-m", "torch.distributed.run"] and "--node-rank" in layout["command"]
+
+
+def test_a_second_ctrl_c_kills_training_and_says_so(caplog):
+    """The first Ctrl-C asks training to checkpoint; a second one kills it at once, and says so (it was silent)."""
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout.readline().strip() == "ready"
+    stop = launch._Stopper(child, launcher=False)
+    stop.request(signal.SIGINT, None)  # forwarded as SIGTERM, which this "training" ignores
+    assert child.poll() is None
+    stop.request(signal.SIGINT, None)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert "second Ctrl-C: killing training now, without a checkpoint" in caplog.text
