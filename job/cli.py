@@ -169,51 +169,51 @@ def run(s):
     if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
         raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
-    with owner(s) as lock:  # machine 0's lock stands for every machine: they share OUTPUT_DIR
-        _run_stages(s, layout, where, lock)
+    # machine 0's lock stands for every machine (they share OUTPUT_DIR); a stop signal while waiting for it exits 75
+    with launch.stop_on_signals() as signals, owner(s) as lock:
+        _run_stages(s, layout, where, lock, signals)
 
 
-def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None) -> None:
+def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None, signals: launch.StageSignals) -> None:
     from job.evaluate import evaluate as evaluate_stage
     from job.preflight import preflight as check
 
     summary = Summary(layout, s)
-    with launch.stop_on_signals() as signals:
-        try:
-            plan = check(s, world_size=where.world_size)
-            plan["launch"] = where.describe()
-            log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
-            summary.update(status="training", plan=plan)
-            if not checkpoint.intact(layout.adapter):  # a damaged one is moved aside and rebuilt
-                code = launch.run_training(s, where, lock)  # returns once every rank has finished
-                if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
-                    raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
-                if code != errors.EXIT_OK:
-                    summary.stopped(code, f"training ended with exit code {code}: {errors.EXIT_CODES.get(code, '')} "
-                                          f"(the message is in {layout.root / 'logs'}/job-rank*.log)")
-                    raise SystemExit(code)
-            signals.check()
-            summary.update(status="evaluating")
-            with stage("evaluation", s):
-                evaluate_stage(s)
-            signals.check()
-            summary.update(status="merging")
-            from job.merge import merge as merge_stage
+    try:
+        plan = check(s, world_size=where.world_size)
+        plan["launch"] = where.describe()
+        log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
+        summary.update(status="training", plan=plan)
+        if not checkpoint.intact(layout.adapter):  # a damaged one is moved aside and rebuilt
+            code = launch.run_training(s, where, lock)  # returns once every rank has finished
+            if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
+                raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
+            if code != errors.EXIT_OK:
+                summary.stopped(code, f"training ended with exit code {code}: {errors.EXIT_CODES.get(code, '')} "
+                                      f"(the message is in {layout.root / 'logs'}/job-rank*.log)")
+                raise SystemExit(code)
+        signals.check()
+        summary.update(status="evaluating")
+        with stage("evaluation", s):
+            evaluate_stage(s)
+        signals.check()
+        summary.update(status="merging")
+        from job.merge import merge as merge_stage
 
-            with stage("merge", s):
-                merge_stage(s)
-            signals.check()
-            if s.hub_model_id:
-                summary.update(status="pushing")
-                from job.publish import push as push_stage
+        with stage("merge", s):
+            merge_stage(s)
+        signals.check()
+        if s.hub_model_id:
+            summary.update(status="pushing")
+            from job.publish import push as push_stage
 
-                push_stage(s)
-                signals.check()
-            summary.update(status="done", exit_code=0)
-        except Exception as error:  # handled or a bug: summary.json never stays "training" or "merging"
-            if not isinstance(error, errors.Refused):  # a refused run leaves the directory as it found it
-                summary.failed(error)
-            raise
+            push_stage(s)
+            signals.check()
+        summary.update(status="done", exit_code=0)
+    except Exception as error:  # handled or a bug: summary.json never stays "training" or "merging"
+        if not isinstance(error, errors.Refused):  # a refused run leaves the directory as it found it
+            summary.failed(error)
+        raise
 
 
 def check_adapter_intact(s) -> None:

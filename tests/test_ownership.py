@@ -34,6 +34,17 @@ def test_a_second_job_on_the_same_output_dir_waits_then_is_refused_naming_the_ho
         assert f"pid {first.pid}" in second.stderr  # the holder is named
         assert "starting" not in second.stderr  # it trained nothing
         assert first.poll() is None  # and the owner trains on
+
+        # stopped while waiting (a preempted pod, a cancelled requeue): exit 75, as before any stage
+        waiter_log = tmp_path / "waiter.log"
+        waiter = start_job(hf_home, "run", waiter_log, OUTPUT_DIR=output, JOB_LOCK_WAIT="120", **SETTINGS)
+        deadline = time.monotonic() + 60
+        while "is in use by another job" not in waiter_log.read_text():
+            assert waiter.poll() is None and time.monotonic() < deadline, waiter_log.read_text()[-3000:]
+            time.sleep(0.1)
+        waiter.send_signal(signal.SIGTERM)
+        assert waiter.wait(timeout=30) == EXIT_PREEMPTED, waiter_log.read_text()[-3000:]
+        assert first.poll() is None
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == EXIT_PREEMPTED, log_path.read_text()[-3000:]
