@@ -322,13 +322,16 @@ class AtomicCheckpointTrainer(JobTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._nonfinite = None  # (loss, gradient norm) flags since the last check, on the device
-        self._checked_step = 0  # the last step known finite
+        self._checked_step = 0  # the last step known finite: the last check's, or where training (re)started
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         # tr_loss sums the losses since the last log, so one NaN step keeps it NaN until it is read
         norm = tr_loss.new_zeros(()) if grad_norm is None else torch.as_tensor(grad_norm, device=tr_loss.device)
         flags = ~torch.isfinite(torch.stack([tr_loss.detach().float().sum(), norm.detach().float()]))
-        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
+        if self._nonfinite is None:  # the first step since the last check, or since the start or resume
+            self._checked_step, self._nonfinite = self.state.global_step - 1, flags
+        else:
+            self._nonfinite = self._nonfinite | flags
         if self.control.should_log or self.control.should_save or self.control.should_training_stop:
             self.check_finite()
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
@@ -340,7 +343,6 @@ class AtomicCheckpointTrainer(JobTrainer):
         loss, norm = _max_over_ranks(self._nonfinite.float()).tolist()
         self._nonfinite = None
         if not (loss or norm):
-            self._checked_step = self.state.global_step
             return
         kept = checkpoint.latest_checkpoint(Path(self.args.output_dir))
         what = " and ".join(name for name, bad in (("the loss", loss), ("the gradient norm", norm)) if bad)

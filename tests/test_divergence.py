@@ -31,7 +31,8 @@ def test_divergence_between_log_lines_exits_3_keeps_good_checkpoints_and_the_rer
     # not a crash later in evaluate or merge
     rerun = run_job(hf_home, "run", OUTPUT_DIR=output, **DIVERGING)
     assert rerun.returncode == EXIT_TRAINING_FAILED, rerun.stderr[-3000:]
-    assert "resuming from checkpoint-4" in rerun.stderr and "a rerun here resumes from checkpoint-4" in rerun.stderr
+    assert "resuming from checkpoint-4" in rerun.stderr and "between steps 4 and 8" in rerun.stderr
+    assert "a rerun here resumes from checkpoint-4" in rerun.stderr
     assert not checkpoint.is_complete(layout.adapter)
 
 
