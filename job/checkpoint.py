@@ -24,11 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from job.config import process_counts
 from job.errors import ConfigError, Refused, StorageError
 
 log = logging.getLogger("job.checkpoint")
 
 COMPLETE = "COMPLETE"
+BATCH = "batch.json"  # in each checkpoint: its global batch and the layouts it was trained under (resume_batch)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # How long a run waits for the lock of a run that is still stopping: a requeued Slurm job or a replacement pod can
 # start while the old one checkpoints (launch.SHUTDOWN_GRACE, the pod's terminationGracePeriodSeconds: 300 s).
@@ -272,15 +274,20 @@ def rotate(directory: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def claim(layout: Layout, identity: dict) -> None:
+def claim(layout: Layout, identity: dict, batch: dict | None = None) -> None:
     """Record which run owns OUTPUT_DIR; refuse to resume someone else's checkpoints with new settings, or
-    checkpoints whose run.json is gone or damaged (their settings are unknown: it is never written over them)."""
+    checkpoints whose run.json is gone or damaged (their settings are unknown: it is never written over them).
+
+    `batch` (config.batch_layout: the global batch and the layout making it now) is recorded beside the identity
+    but not compared: the layout may change between resumes, and resume_batch checks the global batch against
+    the checkpoint's own record."""
     try:
         recorded = json.loads(layout.run.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         recorded, why = None, "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
     else:
         why = None if isinstance(recorded, dict) else f"holds {type(recorded).__name__}, not settings"
+    recorded_batch = recorded.pop("batch", None) if not why else None
     checkpoints = complete_checkpoints(layout.checkpoints)
     if why and checkpoints:
         raise Refused(f"{layout.run} {why}, but OUTPUT_DIR holds checkpoints: run.json records the settings they were "
@@ -290,8 +297,55 @@ def claim(layout: Layout, identity: dict) -> None:
         detail = ", ".join(f"{k.upper()}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in changed)
         raise Refused(f"OUTPUT_DIR={layout.root} holds checkpoints of a different run ({detail}); "
                       "use a new OUTPUT_DIR, or restore the settings to resume it")
-    if recorded != identity:
-        write_json(layout.run, identity)
+    if recorded != identity or recorded_batch != batch:
+        write_json(layout.run, identity if batch is None else {**identity, "batch": batch})
+
+
+def resume_batch(checkpoints: Path, batch: dict, *, strategy: str, allow_change: bool) -> dict:
+    """The batch record of the run as it goes on from the newest checkpoint under `batch` (config.batch_layout),
+    to be written into every checkpoint from here: the global batch and layout now, and `layouts`, each layout
+    the run trained under and the step it started at.
+
+    The global batch (rows per optimizer step) is what keeps the run the same across layouts: the seeded order of
+    the rows does not depend on the layout, and the Trainer skips the optimizer steps already done, so equal
+    rows per step land at the same data position. A different one is refused (Refused, exit 2) naming the
+    GLOBAL_BATCH_SIZE that resumes it, unless `allow_change` (then logged and recorded in the layout's entry).
+    Under a strategy other than ddp the optimizer state is sharded per rank: another world size is refused.
+    Checkpoints written before the record existed resume as they always did."""
+    latest = latest_checkpoint(checkpoints)
+    step = step_of(latest) if latest else 0
+    recorded = read_json(latest / BATCH) if latest else None
+    entry = {"from_step": step, **batch}
+    if not isinstance(recorded, dict):
+        return {**batch, "layouts": [entry]}
+    before = {k: recorded.get(k) for k in batch}
+    if before == batch:
+        return {**batch, "layouts": recorded.get("layouts", [])}
+    where = f"{latest.name} was written with {_describe(before)}; this layout makes {_describe(batch)}"
+    if batch["world_size"] != before["world_size"] and strategy != "ddp":
+        raise Refused(f"{where}. STRATEGY={strategy} keeps the optimizer state sharded per process, so its "
+                      f"checkpoints resume only on {before['world_size']} processes in all (NUM_PROCESSES x "
+                      "NUM_MACHINES); only ddp resumes on another number")
+    if batch["global_batch_size"] != before["global_batch_size"]:
+        if not allow_change:
+            wanted, per_pass = before["global_batch_size"], batch["micro_batch_size"] * batch["world_size"]
+            counts = ", ".join(map(str, process_counts(wanted, batch["micro_batch_size"])))
+            fits = "" if wanted % per_pass == 0 else (f" (it does not divide into {per_pass} rows a micro-step: run on "
+                                                      f"{counts or 'another number of'} process(es) in all)")
+            raise Refused(f"{where}, so the rows and the data position after the resume would not be the run's. Set "
+                          f"GLOBAL_BATCH_SIZE={wanted} to resume it here{fits}, or ALLOW_BATCH_CHANGE=true to go "
+                          f"on with {batch['global_batch_size']} rows per step")
+        log.warning("%s: ALLOW_BATCH_CHANGE=true, so training goes on with the new global batch (the data position "
+                    "after the resume is approximate)", where)
+        entry["global_batch_size_before"] = before["global_batch_size"]
+    else:
+        log.info("%s: the same global batch, so the resume lands at the same data position", where)
+    return {**batch, "layouts": [*recorded.get("layouts", []), entry]}
+
+
+def _describe(batch: dict) -> str:
+    return (f"{batch['world_size']} process(es) x MICRO_BATCH_SIZE={batch['micro_batch_size']} x "
+            f"{batch['grad_accum']} accumulation = {batch['global_batch_size']} rows per optimizer step")
 
 
 @contextlib.contextmanager

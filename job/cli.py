@@ -264,8 +264,10 @@ def out_of_memory(name: str, s, detail: str) -> errors.OutOfMemory:
 
 
 def _training_advice(s) -> str:
-    lower = ([f"MICRO_BATCH_SIZE (now {s.micro_batch_size}; raise GRAD_ACCUM, now {s.grad_accum}, to keep "
-              f"{s.micro_batch_size * s.grad_accum} rows per optimizer step)"] if s.micro_batch_size > 1 else [])
+    keeps_rows = (f"GLOBAL_BATCH_SIZE={s.global_batch_size} keeps the rows per optimizer step" if s.global_batch_size
+                  else f"raise GRAD_ACCUM, now {s.grad_accum}, to keep {s.micro_batch_size * s.grad_accum} rows per "
+                       "optimizer step")
+    lower = [f"MICRO_BATCH_SIZE (now {s.micro_batch_size}; {keeps_rows})"] if s.micro_batch_size > 1 else []
     lower.append(f"MAX_LENGTH (now {s.max_length})")
     # those two define the run, so checkpoints made with the old values are not resumed; these two do not
     keep = ([f"GRADIENT_CHECKPOINTING=true (now {s.gradient_checkpointing})"]
@@ -332,6 +334,7 @@ class Summary:
             "merge": metrics["merge"] or None,
             "samples": evaluation.get("samples"),
             "data": train.get("data") or self.extra.get("plan", {}).get("data"),
+            "batch": train.get("batch") or self.extra.get("plan", {}).get("batch"),
             "loss_plot": str(self.layout.loss_plot) if self.layout.loss_plot.exists() else None,
             "tensorboard_dir": str(self.layout.tensorboard),
             "started": self.extra["started"],

@@ -95,7 +95,19 @@ class Settings:
     epochs: float = setting(1.0, "Passes over the training data (ignored when MAX_STEPS is set).")
     max_steps: int = setting(-1, "Optimizer steps to run; -1 means use EPOCHS.")
     micro_batch_size: int = setting(4, "Sequences (packed rows when PACKING) per device per step.")
-    grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step; ignored when GLOBAL_BATCH_SIZE is "
+                              "set (derived from it for the layout at hand).")
+    # Not part of the identity: run.json and every checkpoint record the global batch itself, and a resume is
+    # checked against that record (job.checkpoint.resume_batch), so a run started without it can add it later.
+    global_batch_size: int | None = setting(None, "Rows per optimizer step across all processes; GRAD_ACCUM is then "
+                                            "derived as GLOBAL_BATCH_SIZE / (MICRO_BATCH_SIZE x processes), so a "
+                                            "run resumes on another number of GPUs or machines with the same "
+                                            "batch and data position. Unset: MICRO_BATCH_SIZE x processes x "
+                                            "GRAD_ACCUM.", identity=False)
+    allow_batch_change: bool = setting(False, "Resume checkpoints written with another global batch (rows per "
+                                       "optimizer step) than this layout gives; the change is logged and recorded "
+                                       "in summary.json. Off: such a resume exits 2 naming GLOBAL_BATCH_SIZE.",
+                                       identity=False)
     max_length: int = setting(2048, "Longest sequence in tokens; longer rows are truncated and counted.")
     packing: bool = setting(True, "Pack rows into MAX_LENGTH sequences without padding; each row still "
                             "attends only to itself.")
@@ -328,6 +340,7 @@ def validate(s: Settings) -> list[str]:
     need(s.max_steps == -1 or s.max_steps > 0, "max_steps", "must be -1 (use EPOCHS) or a positive integer")
     need(s.micro_batch_size >= 1, "micro_batch_size", "must be at least 1")
     need(s.grad_accum >= 1, "grad_accum", "must be at least 1")
+    need(s.global_batch_size is None or s.global_batch_size >= 1, "global_batch_size", "must be at least 1")
     need(s.max_length >= 16, "max_length", "must be at least 16 tokens")
     need(s.gpu_memory_gib == 0 or s.gpu_memory_gib >= 1, "gpu_memory_gib", "must be 0 (the whole card) or at least 1")
     need(s.offload_layers >= -1, "offload_layers", "must be -1 (auto) or 0 or more")
@@ -375,6 +388,43 @@ def validate(s: Settings) -> list[str]:
     need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
          "must be a comma-separated subset of tensorboard, wandb, mlflow, none")
     return problems
+
+
+def batch_layout(s: Settings, world_size: int) -> dict:
+    """The global batch (rows per optimizer step across all processes) and how `world_size` processes make it:
+    GLOBAL_BATCH_SIZE when set, with the accumulation derived from it; else MICRO_BATCH_SIZE x processes x
+    GRAD_ACCUM. Raises ConfigError when GLOBAL_BATCH_SIZE does not divide into this layout, saying what would."""
+    micro = s.micro_batch_size
+    per_pass = micro * world_size  # rows of one micro-batch on every process
+    accum = s.grad_accum
+    if s.global_batch_size is not None:
+        wanted = s.global_batch_size
+        if wanted % per_pass:
+            raise ConfigError(f"GLOBAL_BATCH_SIZE={wanted} does not divide into MICRO_BATCH_SIZE={micro} x "
+                              f"{world_size} process(es) = {per_pass} rows a micro-step: "
+                              + divisible_hint(wanted, micro, world_size))
+        accum = wanted // per_pass
+    return {"global_batch_size": per_pass * accum, "world_size": world_size, "micro_batch_size": micro,
+            "grad_accum": accum}
+
+
+def divisible_hint(wanted: int, micro: int, world_size: int) -> str:
+    """What makes a global batch of `wanted` rows work: the process counts it divides into, or the nearest
+    multiples of what this layout makes in one micro-step."""
+    per_pass = micro * world_size
+    lower, higher = wanted // per_pass * per_pass, (wanted // per_pass + 1) * per_pass
+    multiples = f"GLOBAL_BATCH_SIZE={higher}" if lower == 0 else f"GLOBAL_BATCH_SIZE={lower} or {higher}"
+    counts = process_counts(wanted, micro)
+    where = f"run on {', '.join(map(str, counts))} process(es) in all, or " if counts else ""
+    return f"{where}use a multiple of {per_pass} ({multiples})"
+
+
+def process_counts(wanted: int, micro: int, most: int = 8) -> list[int]:
+    """The first `most` numbers of processes in all that a global batch of `wanted` rows divides into, at `micro`
+    rows a micro-batch."""
+    if wanted % micro:
+        return []
+    return [n for n in range(1, wanted // micro + 1) if (wanted // micro) % n == 0][:most]
 
 
 def name_pairs(text: str) -> dict[str, str]:

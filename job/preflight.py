@@ -7,13 +7,14 @@ the loss mask on one rendered sample, and the Hub token when a push is asked for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import uuid
 
 from job import checkpoint, data, longctx, model, publish, speed
 from job.checkpoint import Layout
-from job.config import Settings
+from job.config import Settings, batch_layout
 from job.errors import ConfigError
 
 QUANTIZED_BYTES = {"nf4": 0.56, "int8": 1.06, "none": 2.0}  # per parameter, with quantization constants
@@ -35,6 +36,8 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
 
     layout = Layout(s.output)
     check_output_dir(layout)
+    batch = batch_layout(s, world_size)  # GLOBAL_BATCH_SIZE that does not divide: refused before anything loads
+    trained = dataclasses.replace(s, grad_accum=batch["grad_accum"])  # s itself keeps the run's identity
     if s.hub_model_id and checkpoint.is_complete(layout.adapter):
         publish.require_token(s)  # a finished run's rerun contacts the Hub only to push
     elif s.hub_model_id:
@@ -48,21 +51,22 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
     shape, device = speed.Shape.of(config), speed.probe(s.gpu_memory_gib)
-    levers = speed.choose(s, shape, device)
+    levers = speed.choose(trained, shape, device)
     tokenizer = model.load_tokenizer(s, path)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
     long = longctx.plan(s, shape, device, prepared.stats, levers=levers, config=config)
     longctx.check_fits(long, s)  # refuses a length that cannot fit, naming the longest that would
-    checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
+    resumed = checkpoint.resume_batch(layout.checkpoints, batch, strategy=s.strategy,
+                                      allow_change=s.allow_batch_change)  # before claim: a refusal changes nothing
+    checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint}, batch)
 
     first = prepared.train[0]
     shown = "".join(
         f"[{tokenizer.decode(ids)}]" if trained else tokenizer.decode(ids)
         for ids, trained in _runs(first["input_ids"], first["labels"]))
-    tokens_per_step = s.max_length * s.micro_batch_size * s.grad_accum * world_size
+    tokens_per_step = s.max_length * batch["global_batch_size"]
     steps_per_epoch = max(1, math.ceil(prepared.stats["train_tokens"] / (tokens_per_step * 0.95)) if s.packing
-                          else math.ceil(prepared.stats["train_rows"] / (s.micro_batch_size * s.grad_accum
-                                                                          * world_size)))
+                          else math.ceil(prepared.stats["train_rows"] / batch["global_batch_size"]))
     return {
         "base_model": s.base_model,
         "model_type": config.model_type,
@@ -81,6 +85,7 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
         "push": s.hub_model_id,
         "output_dir": str(layout.root.resolve()),
         "resume_from": str(checkpoint.latest_checkpoint(layout.checkpoints) or "") or None,
+        "batch": resumed,  # the global batch, this layout's accumulation, and the layouts the run trained under
         "cpu_count": os.cpu_count(),
     }
 

@@ -8,6 +8,7 @@ Rerunning resumes from the newest complete checkpoint; a finished run is not tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from job import checkpoint, data, longctx, model, speed
 from job.checkpoint import Layout
-from job.config import SHARDED, Settings
+from job.config import SHARDED, Settings, batch_layout
 from job.errors import Preempted, TrainingFailed
 
 log = logging.getLogger("job.train")
@@ -43,13 +44,22 @@ def train(s: Settings) -> dict:
         return checkpoint.read_json(layout.metrics / "train.json") or {}
     guard = GuardCallback()  # trap signals first: a preemption while loading still checkpoints after one step
 
+    batch = batch_layout(s, state.num_processes)
+    if s.global_batch_size is not None and s.grad_accum != 1:
+        log.warning("GRAD_ACCUM=%d is ignored: GLOBAL_BATCH_SIZE=%d gives %d accumulation steps on %d process(es)",
+                    s.grad_accum, s.global_batch_size, batch["grad_accum"], state.num_processes)
+    identity = s.identity()  # GRAD_ACCUM as set: the layout's own accumulation is checked by resume_batch
+    s = dataclasses.replace(s, grad_accum=batch["grad_accum"])
     path = model.resolve(s.base_model)
     tokenizer = model.load_tokenizer(s, path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     levers = speed.setup(s, config)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, state)
+    resumed = None  # the batch record written into each checkpoint (by the main process)
     if state.is_main_process:
-        checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint})
+        resumed = checkpoint.resume_batch(layout.checkpoints, batch, strategy=s.strategy,
+                                          allow_change=s.allow_batch_change)  # before claim: a refusal changes nothing
+        checkpoint.claim(layout, {**identity, "data_fingerprint": prepared.fingerprint}, batch)
         shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
         layout.checkpoints.mkdir(parents=True, exist_ok=True)
         checkpoint.latest_intact_checkpoint(layout.checkpoints)  # before rotation, which keeps the newest
@@ -81,6 +91,7 @@ def train(s: Settings) -> dict:
         ddp_timeout=3 * 3600,  # rank 0 may be saving or tokenizing while others wait
     )
     trainer.keep_checkpoints = s.save_total_limit
+    trainer.batch_record = resumed
     resume = checkpoint.latest_checkpoint(layout.checkpoints)
     log.info("%s (rows: %d train, %d eval; %s)", f"resuming from {resume.name}" if resume else "starting",
              prepared.stats["train_rows"], prepared.stats["eval_rows"], _params(trainer.model))
@@ -97,6 +108,7 @@ def train(s: Settings) -> dict:
         "log_history": trainer.state.log_history,
         "data": prepared.stats,
         "data_fingerprint": prepared.fingerprint,
+        "batch": resumed,
     }
     staging = layout.root / ".adapter.staging"
     if state.is_main_process:
@@ -318,6 +330,7 @@ class AtomicCheckpointTrainer(JobTrainer):
     flag on the device; it is read (a sync, agreed across ranks) where the Trainer reads the loss back anyway."""
 
     keep_checkpoints = 2
+    batch_record = None  # checkpoint.resume_batch's record, written into each checkpoint as BATCH
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -364,6 +377,7 @@ class AtomicCheckpointTrainer(JobTrainer):
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
             if self.is_world_process_zero():
+                checkpoint.write_json(staged / checkpoint.BATCH, self.batch_record)
                 if any(staged.glob("adapter_model*.safetensors")):  # (FSDP writes sharded state instead)
                     check_adapter(staged)  # an adapter saved empty fails at the first checkpoint, not after training
                 final = checkpoint.seal(staged, Path(self.args.output_dir, name))
