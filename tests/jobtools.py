@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +65,19 @@ def start_job(hf_home: Path, command: str, log_path: Path, **settings) -> subpro
                                 env=job_env(hf_home, **settings), start_new_session=True)
 
 
+# `job run`'s training stage alone (launch.run_training, as test_multiprocess.py calls it) in a process of its own, so
+# a test can stop it with a signal as `job run` is stopped, without evaluating and merging after it.
+TRAIN_ONLY = "import sys; from job import config, launch; sys.exit(launch.run_training(config.load()))"
+
+
+def start_training(hf_home: Path, log_path: Path, **settings) -> subprocess.Popen:
+    """The training processes of one machine (NUM_PROCESSES of them) in the background, their output appended to
+    log_path; the returned process passes SIGTERM on to them, and exits with their code (75 once stopped)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", TRAIN_ONLY], cwd=REPO, stdout=log, stderr=log,
+                                env=job_env(hf_home, **settings), start_new_session=True)
+
+
 def wait_for_step(log_path: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until the log shows optimizer step `step` (LOGGING_STEPS=1), failing if the process ends first."""
     deadline = time.time() + timeout
@@ -73,3 +88,63 @@ def wait_for_step(log_path: Path, step: int, process: subprocess.Popen, timeout:
         assert process.poll() is None, log_path.read_text()[-3000:]
         time.sleep(0.1)
     raise TimeoutError(f"step {step} not reached")
+
+
+# Loaded by every Python process started with it on PYTHONPATH (as sitecustomize), with JOB_TEST_ROW_LOG naming a
+# directory: each training step of job.train's trainer appends "<optimizer step> <row hash>" for every row it
+# trains on to row-<RANK>.txt there. Rows are told apart within a packed sequence by their positions restarting
+# at 0; the hash is of the row's token ids. The trainer's own code runs unchanged.
+ROW_LOG_HOOK = textwrap.dedent('''
+    import hashlib, importlib.abc, importlib.machinery, os, sys
+
+    class _LogRows(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "job.train":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run_module = spec.loader.exec_module
+
+            def exec_module(module):
+                run_module(module)
+                training_step = module.JobTrainer.training_step
+
+                def logged(self, model, inputs, *args, **kwargs):
+                    ids, positions = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
+                    starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+                    step = self.state.global_step + 1  # the optimizer step this micro-batch is part of
+                    path = os.path.join(os.environ["JOB_TEST_ROW_LOG"], f"row-{os.environ.get('RANK', '0')}.txt")
+                    with open(path, "a") as log:
+                        for start, end in zip(starts, starts[1:]):
+                            digest = hashlib.sha1(str(ids[start:end]).encode()).hexdigest()[:16]
+                            log.write(f"{step} {digest}\\n")
+                    return training_step(self, model, inputs, *args, **kwargs)
+
+                module.JobTrainer.training_step = logged
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _LogRows())
+''')
+
+
+def log_rows(directory: Path, monkeypatch) -> Path:
+    """Make the training processes started from here on log the rows they train on (ROW_LOG_HOOK) under
+    `directory`; returns the log directory, read with `trained_rows`."""
+    hook, rows = directory / "row-hook", directory / "rows"
+    hook.mkdir(parents=True)
+    rows.mkdir()
+    (hook / "sitecustomize.py").write_text(ROW_LOG_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("JOB_TEST_ROW_LOG", str(rows))
+    return rows
+
+
+def trained_rows(rows: Path) -> dict[int, collections.Counter]:
+    """Optimizer step -> how many times each row (by hash) was trained on in it, over every rank and attempt."""
+    steps: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for path in rows.glob("row-*.txt"):
+        for line in path.read_text().splitlines():
+            step, digest = line.split()
+            steps[int(step)][digest] += 1
+    return dict(steps)
