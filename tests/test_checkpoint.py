@@ -60,3 +60,44 @@ def test_claim_takes_over_a_directory_without_work(tmp_path):
     checkpoint.claim(layout, {"lora_r": 16})
     checkpoint.claim(layout, {"lora_r": 8})
     assert checkpoint.read_json(layout.run) == {"lora_r": 8}
+
+
+def batch(world_size, grad_accum, micro=4):
+    return {"global_batch_size": world_size * grad_accum * micro, "world_size": world_size,
+            "micro_batch_size": micro, "grad_accum": grad_accum}
+
+
+def test_resume_batch_keeps_the_global_batch_across_layouts(tmp_path):
+    assert checkpoint.resume_batch(tmp_path, batch(2, 1), strategy="ddp", allow_change=False) == \
+        {**batch(2, 1), "layouts": [{"from_step": 0, **batch(2, 1)}]}
+    old = fake_checkpoint(tmp_path, 4)  # written before checkpoints recorded their batch: resumed as before
+    assert checkpoint.resume_batch(tmp_path, batch(1, 1), strategy="fsdp", allow_change=False)["layouts"] == \
+        [{"from_step": 4, **batch(1, 1)}]
+    checkpoint.write_json(old / checkpoint.BATCH, {**batch(2, 1), "layouts": [{"from_step": 0, **batch(2, 1)}]})
+    assert checkpoint.resume_batch(tmp_path, batch(1, 2), strategy="ddp", allow_change=False)["layouts"] == \
+        [{"from_step": 0, **batch(2, 1)}, {"from_step": 4, **batch(1, 2)}]
+    with pytest.raises(ConfigError, match="Set GLOBAL_BATCH_SIZE=8 to resume it here, or ALLOW_BATCH_CHANGE=true"):
+        checkpoint.resume_batch(tmp_path, batch(1, 1), strategy="ddp", allow_change=False)
+    with pytest.raises(ConfigError, match=r"does not divide into 12 rows a micro-step: run on 1, 2 process\(es\)"):
+        checkpoint.resume_batch(tmp_path, batch(3, 1), strategy="ddp", allow_change=False)
+    changed = checkpoint.resume_batch(tmp_path, batch(1, 1), strategy="ddp", allow_change=True)
+    assert changed["layouts"][-1] == {"from_step": 4, **batch(1, 1), "global_batch_size_before": 8}
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_resume_batch_refuses_another_world_size_under_sharded_optimizer_state(tmp_path, strategy):
+    checkpoint.write_json(fake_checkpoint(tmp_path, 4) / checkpoint.BATCH, {**batch(2, 1), "layouts": []})
+    with pytest.raises(ConfigError, match=f"STRATEGY={strategy} keeps the optimizer state sharded per process, so "
+                                          r"its checkpoints resume only on 2 processes"):
+        checkpoint.resume_batch(tmp_path, batch(1, 2), strategy=strategy, allow_change=True)
+    assert checkpoint.resume_batch(tmp_path, batch(2, 1), strategy=strategy, allow_change=False)["world_size"] == 2
+
+
+def test_claim_records_the_batch_without_comparing_it(tmp_path):
+    layout = Layout(tmp_path)
+    fake_checkpoint(layout.checkpoints, 5)
+    checkpoint.write_json(layout.run, {"lora_r": 16})  # run.json of a run from before the batch was recorded
+    checkpoint.claim(layout, {"lora_r": 16}, batch(2, 1))
+    assert checkpoint.read_json(layout.run) == {"lora_r": 16, "batch": batch(2, 1)}
+    checkpoint.claim(layout, {"lora_r": 16}, batch(1, 2))  # another layout: resume_batch judges it
+    assert checkpoint.read_json(layout.run)["batch"] == batch(1, 2)

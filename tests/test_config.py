@@ -137,3 +137,22 @@ def test_speed_levers_that_reach_into_the_weights_are_refused_with_sharded_strat
                      "LONG_CONTEXT='on'"):
         assert variable in message and "STRATEGY=zero3" in message, message
     config.load({**flags, "strategy": "ddp"}, environ={})  # whole weights per rank: allowed
+
+
+def test_global_batch_size_derives_the_accumulation_for_the_layout():
+    s = config.load({}, environ={"MICRO_BATCH_SIZE": "4", "GLOBAL_BATCH_SIZE": "16", "GRAD_ACCUM": "3"})
+    assert config.batch_layout(s, 2) == {"global_batch_size": 16, "world_size": 2, "micro_batch_size": 4,
+                                         "grad_accum": 2}  # GRAD_ACCUM is ignored
+    assert config.batch_layout(s, 4)["grad_accum"] == 1
+    unset = config.load({}, environ={"MICRO_BATCH_SIZE": "4", "GRAD_ACCUM": "3"})
+    assert config.batch_layout(unset, 2)["global_batch_size"] == 24  # today's meaning
+    assert "global_batch_size" not in s.identity()  # a run started without it may add it to resume elsewhere
+
+
+def test_a_global_batch_size_that_does_not_divide_names_the_values_and_what_works():
+    s = config.load({}, environ={"MICRO_BATCH_SIZE": "4", "GLOBAL_BATCH_SIZE": "12"})
+    with pytest.raises(ConfigError) as error:
+        config.batch_layout(s, 2)
+    assert str(error.value) == ("GLOBAL_BATCH_SIZE=12 does not divide into MICRO_BATCH_SIZE=4 x 2 process(es) = 8 "
+                                "rows a micro-step: run on 1, 3 process(es) in all, or use a multiple of 8 "
+                                "(GLOBAL_BATCH_SIZE=8 or 16)")
