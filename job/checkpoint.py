@@ -278,9 +278,9 @@ def claim(layout: Layout, identity: dict, batch: dict | None = None) -> None:
     """Record which run owns OUTPUT_DIR; refuse to resume someone else's checkpoints with new settings, or
     checkpoints whose run.json is gone or damaged (their settings are unknown: it is never written over them).
 
-    `batch` (config.batch_layout: the global batch and the layout making it now) is recorded beside the identity
-    but not compared: the layout may change between resumes, and resume_batch checks the global batch against
-    the checkpoint's own record."""
+    `batch` (config.batch_layout: the global batch and the layout making it now; None keeps the one recorded) is
+    recorded beside the identity but not compared: the layout may change between resumes, and resume_batch checks
+    the global batch against the checkpoint's own record."""
     try:
         recorded = json.loads(layout.run.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -297,6 +297,7 @@ def claim(layout: Layout, identity: dict, batch: dict | None = None) -> None:
         detail = ", ".join(f"{k.upper()}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in changed)
         raise Refused(f"OUTPUT_DIR={layout.root} holds checkpoints of a different run ({detail}); "
                       "use a new OUTPUT_DIR, or restore the settings to resume it")
+    batch = batch or recorded_batch  # (None: nothing trains here, the recorded layout stands)
     if recorded != identity or recorded_batch != batch:
         write_json(layout.run, identity if batch is None else {**identity, "batch": batch})
 

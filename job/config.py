@@ -200,7 +200,8 @@ class Settings:
     # Indexed Job or torchrun-style variables (job.launch); `job preflight` prints what it found.
     strategy: str = setting("ddp", "How the ranks share the model: ddp (a copy per GPU), fsdp (FSDP with the 4-bit "
                             "weights sharded), zero2 or zero3 (DeepSpeed). Checkpoints resume only under the "
-                            "strategy that wrote them, and but for ddp on as many processes.", choices=("ddp", "fsdp", "zero2", "zero3"), group="launch")
+                            "strategy that wrote them (fsdp, zero2, zero3: on as many processes too).",
+                            choices=("ddp", "fsdp", "zero2", "zero3"), group="launch")
     num_machines: int | None = setting(None, "Machines (nodes) in the job; unset: from the scheduler's variables, "
                                        "else 1.", group="launch", identity=False)
     machine_rank: int | None = setting(None, "This machine's index, 0 for the first one (which merges and pushes); "

@@ -36,9 +36,11 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
 
     layout = Layout(s.output)
     check_output_dir(layout)
-    batch = batch_layout(s, world_size)  # GLOBAL_BATCH_SIZE that does not divide: refused before anything loads
-    trained = dataclasses.replace(s, grad_accum=batch["grad_accum"])  # s itself keeps the run's identity
-    if s.hub_model_id and checkpoint.is_complete(layout.adapter):
+    finished = checkpoint.is_complete(layout.adapter)  # trained already: this layout trains nothing
+    # a GLOBAL_BATCH_SIZE that does not divide into this layout is refused before anything loads
+    batch = None if finished else batch_layout(s, world_size)
+    as_trained = s if finished else dataclasses.replace(s, grad_accum=batch["grad_accum"])  # s: the run's identity
+    if s.hub_model_id and finished:
         publish.require_token(s)  # a finished run's rerun contacts the Hub only to push
     elif s.hub_model_id:
         publish.check_access(s)
@@ -51,22 +53,22 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
     shape, device = speed.Shape.of(config), speed.probe(s.gpu_memory_gib)
-    levers = speed.choose(trained, shape, device)
+    levers = speed.choose(as_trained, shape, device)
     tokenizer = model.load_tokenizer(s, path)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
     long = longctx.plan(s, shape, device, prepared.stats, levers=levers, config=config)
     longctx.check_fits(long, s)  # refuses a length that cannot fit, naming the longest that would
-    resumed = checkpoint.resume_batch(layout.checkpoints, batch, strategy=s.strategy,
-                                      allow_change=s.allow_batch_change)  # before claim: a refusal changes nothing
+    resumed = None if finished else checkpoint.resume_batch(  # before claim: a refusal changes nothing
+        layout.checkpoints, batch, strategy=s.strategy, allow_change=s.allow_batch_change)
     checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint}, batch)
 
     first = prepared.train[0]
     shown = "".join(
         f"[{tokenizer.decode(ids)}]" if trained else tokenizer.decode(ids)
         for ids, trained in _runs(first["input_ids"], first["labels"]))
-    tokens_per_step = s.max_length * batch["global_batch_size"]
-    steps_per_epoch = max(1, math.ceil(prepared.stats["train_tokens"] / (tokens_per_step * 0.95)) if s.packing
-                          else math.ceil(prepared.stats["train_rows"] / batch["global_batch_size"]))
+    rows_per_step = as_trained.micro_batch_size * as_trained.grad_accum * world_size
+    steps_per_epoch = max(1, math.ceil(prepared.stats["train_tokens"] / (s.max_length * rows_per_step * 0.95))
+                          if s.packing else math.ceil(prepared.stats["train_rows"] / rows_per_step))
     return {
         "base_model": s.base_model,
         "model_type": config.model_type,

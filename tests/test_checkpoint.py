@@ -101,3 +101,5 @@ def test_claim_records_the_batch_without_comparing_it(tmp_path):
     assert checkpoint.read_json(layout.run) == {"lora_r": 16, "batch": batch(2, 1)}
     checkpoint.claim(layout, {"lora_r": 16}, batch(1, 2))  # another layout: resume_batch judges it
     assert checkpoint.read_json(layout.run)["batch"] == batch(1, 2)
+    checkpoint.claim(layout, {"lora_r": 16})  # a finished run's rerun trains nothing: the recorded layout stands
+    assert checkpoint.read_json(layout.run)["batch"] == batch(1, 2)

@@ -13,7 +13,8 @@ import pytest
 from job import checkpoint
 from job.checkpoint import Layout
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
-from tests.jobtools import copy_output, log_rows, run_job, start_training, trained_rows, wait_for_step
+from tests.jobtools import (TRAINED, copy_output, log_rows, run_job, start_training, trained_rows,
+                            wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +141,11 @@ def test_allow_batch_change_goes_on_and_records_it(tmp_path, hf_home, stopped_on
     assert "ALLOW_BATCH_CHANGE=true, so training goes on with the new global batch" in log
     last = train_metrics(output)["batch"]["layouts"][-1]
     assert (last["global_batch_size"], last["global_batch_size_before"]) == (4, 8)
+
+
+def test_a_finished_run_goes_on_to_evaluate_and_merge_on_any_layout(tmp_path, hf_home, trained_output):
+    """Training is done: the rerun that evaluates, merges and pushes checks no batch (it trains nothing)."""
+    output = copy_output(trained_output, tmp_path / "out")
+    result = run_job(hf_home, "preflight", OUTPUT_DIR=output, NUM_PROCESSES=2, **TRAINED)  # 2 x 8 rows, not 8
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+    assert checkpoint.read_json(Layout(output).run)["batch"]["world_size"] == 1  # as trained
