@@ -102,3 +102,12 @@ def test_preflight_prints_the_plan_and_the_loss_mask(monkeypatch, capsys, tmp_pa
     assert plan["data"]["train_rows"] > 2000 and plan["planned_steps"] > 0
     assert not (tmp_path / "o" / "checkpoints").exists()
 
+
+
+def test_a_global_batch_size_the_layout_cannot_make_is_refused_before_anything_loads(monkeypatch, capsys, output,
+                                                                                      hf_home):
+    code, text = run_cli(monkeypatch, capsys, ["preflight"], OUTPUT_DIR=output, NUM_PROCESSES=2,
+                         MICRO_BATCH_SIZE=4, GLOBAL_BATCH_SIZE=12)
+    assert code == 2 and ("GLOBAL_BATCH_SIZE=12 does not divide into MICRO_BATCH_SIZE=4 x 2 process(es) = 8 rows a "
+                          "micro-step: run on 1, 3 process(es) in all") in text
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoints", "logs", "precious.txt"]
