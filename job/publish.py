@@ -412,7 +412,10 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
         if hasattr(s, name) and not (name == "system_prompt" and getattr(s, name) is None):
             lines.append(f"| `{name.upper()}` | `{getattr(s, name)}` |")
     stats = train.get("data") or {}
-    for label, value in (("optimizer steps", train.get("steps")), ("training rows", stats.get("train_rows")),
+    # GRAD_ACCUM above is the setting: with GLOBAL_BATCH_SIZE the accumulation was derived for each layout
+    global_batch = (train.get("batch") or {}).get("global_batch_size")
+    for label, value in (("optimizer steps", train.get("steps")), ("rows per optimizer step", global_batch),
+                         ("training rows", stats.get("train_rows")),
                          ("evaluation rows", stats.get("eval_rows")), ("final training loss",
                                                                       _num(train.get("train_loss")))):
         if value is not None:

@@ -86,7 +86,8 @@ def test_push_creates_private_repo_with_model_card_and_records_the_commit(hub, o
                    "<|im_start|>user\nWhat is the capital of Norway?<|im_end|>\n<|im_start|>assistant\n",
                    "`<|im_end|>` (id 4)", "## How to load", f'model_id = "{REPO}"', "AutoModelForCausalLM",
                    "apply_chat_template(messages, add_generation_prompt=True", "## Training", "`LORA_R` | `16`",
-                   "`LEARNING_RATE` | `0.002`", "| optimizer steps | 12 |", "## Results",
+                   "`LEARNING_RATE` | `0.002`", "| optimizer steps | 12 |", "| rows per optimizer step | 8 |",
+                   "## Results",
                    "merge check: max logit gap", "nf4 training-time model"):
         assert needle in card, needle
 
