@@ -110,4 +110,5 @@ def test_a_global_batch_size_the_layout_cannot_make_is_refused_before_anything_l
                          MICRO_BATCH_SIZE=4, GLOBAL_BATCH_SIZE=12)
     assert code == 2 and ("GLOBAL_BATCH_SIZE=12 does not divide into MICRO_BATCH_SIZE=4 x 2 process(es) = 8 rows a "
                           "micro-step: run on 1, 3 process(es) in all") in text
-    assert sorted(p.name for p in output.iterdir()) == ["checkpoints", "logs", "precious.txt"]
+    # logs/ appears only where this process has not set up logging before (an earlier in-process test may have)
+    assert {p.name for p in output.iterdir()} - {"logs"} == {"checkpoints", "precious.txt"}
