@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
+import ipaddress
 import itertools
 import logging
 import os
@@ -37,6 +39,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -114,7 +117,9 @@ class Topology:
         return {"machines": self.num_machines, "machine_rank": self.machine_rank,
                 "processes_per_machine": self.num_processes, "world_size": self.world_size,
                 "main": f"{self.main_address}:{self.main_port}", "device": self.device,
-                "from": dict(self.sources)}
+                "from": dict(self.sources)} | (
+            # checked here so that `job preflight` shows it, and stops with exit 2 where no interface will do
+            {"socket_interfaces": socket_interfaces(self)} if self.num_machines > 1 else {})
 
 
 def resolve(s: Settings, environ: dict | None = None, *, gpus: int | None = None, bf16: bool | None = None,
@@ -293,6 +298,102 @@ def _ranges(text: str):
             yield str(number).zfill(len(low))
 
 
+# ------------------------------------------------------------------------------------------ network
+
+SOCKET_IFNAMES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+OUTSIDE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): a UDP connect() to it only looks up the default route
+
+
+def socket_interfaces(t: Topology, environ: dict | None = None, *, hostname: str | None = None, lookup=None,
+                      route=None, interface_of=None) -> dict[str, str]:
+    """The GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME the training processes need and the user has not set; {} when
+    none is needed.
+
+    gloo offers the other machines the first address this machine's host name resolves to, loopback when it does
+    not resolve: Debian and Ubuntu map the host name to 127.0.1.1, and the ranks then fail to connect ("Connection
+    refused, remote=[127.0.0.1]"). Then both variables are set to the interface that reaches MAIN_ADDRESS (NCCL
+    picks its own otherwise, which may be another network than the one to machine 0).
+    lookup(name) -> addresses, route(address, port) -> the local address that reaches it or None, and
+    interface_of(address) -> its interface's name or None default to this machine's; tests pass them.
+    Raises ConfigError when no interface but loopback reaches MAIN_ADDRESS.
+    """
+    env = os.environ if environ is None else environ
+    unset = [name for name in SOCKET_IFNAMES if not env.get(name)]
+    # a loopback MAIN_ADDRESS puts every machine on this one, where loopback is the right interface
+    if t.num_machines == 1 or not unset or _is_loopback(t.main_address):
+        return {}
+    hostname = hostname or socket.gethostname()
+    lookup, route, interface_of = lookup or _addresses, route or _route, interface_of or _interface_of
+    own = lookup(hostname)
+    if own and not _is_loopback(own[0]):
+        return {}
+    main = lookup(t.main_address)
+    local = route(main[0], t.main_port) if main else None
+    # MAIN_ADDRESS resolving to loopback is this machine's own name (machine 0), mapped as badly as the host name;
+    # one that does not resolve may not be in DNS yet (a headless Service's names come with the pods): the
+    # interface of the default route is then the best guess
+    if local is None or _is_loopback(local):
+        local = route(OUTSIDE, t.main_port)
+    name = interface_of(local) if local and not _is_loopback(local) else None
+    if name is None:
+        resolved = (f"resolves to the loopback address {own[0]}" if own
+                    else "does not resolve (gloo falls back to loopback)")
+        raise ConfigError(f"this machine's host name {hostname} {resolved}, so gloo and NCCL would offer the other "
+                          f"machines loopback, and no other interface reaches MAIN_ADDRESS={t.main_address}: set "
+                          f"{' and '.join(unset)} to the network interface between the machines (e.g. eth0, see "
+                          "`ip -o addr`), or map the host name to that interface's address in /etc/hosts")
+    return {variable: name for variable in unset}
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def _addresses(name: str) -> list[str]:
+    """The addresses of a host name in the order gloo tries them (getaddrinfo's), [] when it does not resolve."""
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)]
+    except (OSError, UnicodeError):
+        return []
+
+
+def _route(address: str, port: int) -> str | None:
+    """This machine's address on the route to `address` (None: no route)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, port))  # UDP: nothing is sent, the kernel only picks the route
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+_SIOCGIFADDR = 0x8915  # <linux/sockios.h>: an interface's (primary) IPv4 address
+
+
+def _interface_of(address: str) -> str | None:
+    """The name of the interface holding this local address, from the kernel (no `ip` needed in a container)."""
+    if ":" in address:  # IPv6: /proc/net/if_inet6 lists each address (32 hex digits) with its interface last
+        wanted = ipaddress.ip_address(address.split("%")[0]).exploded.replace(":", "")
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/net/if_inet6").read_text().splitlines():
+                fields = line.split()
+                if fields and fields[0] == wanted:
+                    return fields[-1]
+        return None
+    wanted = socket.inet_aton(address)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):  # an interface without an IPv4 address
+                ifreq = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()))
+                if ifreq[20:24] == wanted:  # struct ifreq: the name (16 bytes), then a sockaddr_in
+                    return name
+    return None
+
+
 # -------------------------------------------------------------------------------------------- command
 
 def command(s: Settings, t: Topology, python: str = sys.executable) -> list[str]:
@@ -321,9 +422,16 @@ def settings_env(s: Settings) -> dict[str, str]:
 
 
 def child_env(s: Settings, t: Topology, exit_dir: str, environ: dict | None = None) -> dict[str, str]:
-    env = {name: value for name, value in (os.environ if environ is None else environ).items()
+    environ = os.environ if environ is None else environ
+    env = {name: value for name, value in environ.items()
            if name not in INHERITED and not name.startswith(INHERITED_PREFIXES) and name != "CONFIG_FILE"}
     env.update(settings_env(s))
+    interfaces = socket_interfaces(t, environ)
+    if interfaces:
+        log.warning("this machine's host name resolves to a loopback address, which gloo and NCCL would offer the "
+                    "other machines: training with %s (the interface that reaches MAIN_ADDRESS=%s)",
+                    " ".join(f"{k}={v}" for k, v in interfaces.items()), t.main_address)
+        env.update(interfaces)
     env[EXIT_DIR] = exit_dir
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE))
     if t.device == "cpu" and t.num_processes > 1:  # torchrun would give each process one thread
