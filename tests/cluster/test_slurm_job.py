@@ -130,3 +130,31 @@ def test_first_host_matches_scontrol(cluster):
     for nodelist in ("n[01-03,7]", "gpu7,cpu[9-11]", "a1", "x[098-101],y"):
         expected = cluster.scontrol("show", "hostnames", nodelist).split()
         assert list(expand_hostlist(nodelist)) == expected, nodelist
+
+
+def test_a_two_node_run_cancelled_resumes_on_one_node_with_the_same_global_batch(cluster, tmp_path, hf_home,
+                                                                                  tiny_model):
+    """A job that comes back on fewer nodes (a node drained; `sbatch -N 1-2` given one): GLOBAL_BATCH_SIZE keeps the
+    rows per optimizer step, so the one node accumulates twice as many micro-batches and ends at the same step."""
+    output = tmp_path / "out"
+    env_file = _env_file(tmp_path / "job.env", {"OUTPUT_DIR": output, "HF_HOME": hf_home, "GLOBAL_BATCH_SIZE": 8,
+                                                **TINY})
+    first = cluster.sbatch(SBATCH, ["-N", "2", *CPU_ONLY, "-o", str(tmp_path / "slurm-%j.out")],
+                           env={"JOB_ENV": str(env_file)})
+    _wait_for(lambda: (output / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file(), 240, "first checkpoint",
+              cluster, first)
+    cluster.scancel(first)  # SIGTERM everywhere: the job checkpoints and stops; the script does not requeue
+    stopped = cluster.wait(first, timeout=300)
+    text = (tmp_path / f"slurm-{first}.out").read_text() + _logs(output)
+    assert stopped.state == "CANCELLED" and "--nnodes 2" in text, text
+    assert "requeueing" not in text, text
+
+    second = cluster.sbatch(SBATCH, ["-N", "1", *CPU_ONLY, "-o", str(tmp_path / "slurm-%j.out")],
+                            env={"JOB_ENV": str(env_file)})
+    result = cluster.wait(second, timeout=300)
+    text = (tmp_path / f"slurm-{second}.out").read_text() + _logs(output)
+    assert (result.state, result.exit_code) == ("COMPLETED", 0), text
+    train = _check_finished(output, 12)
+    assert "the same global batch, so the resume lands at the same data position" in text, text
+    assert re.search(r"resuming from checkpoint-\d+", text), text
+    assert train["batch"]["global_batch_size"] == 8 and train["batch"]["grad_accum"] == 2, train["batch"]
