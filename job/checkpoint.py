@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.config import process_counts
+from job.config import FIELDS, process_counts
 from job.errors import ConfigError, Refused, StorageError
 
 log = logging.getLogger("job.checkpoint")
@@ -288,6 +288,8 @@ def claim(layout: Layout, identity: dict, batch: dict | None = None) -> None:
     else:
         why = None if isinstance(recorded, dict) else f"holds {type(recorded).__name__}, not settings"
     recorded_batch = recorded.pop("batch", None) if not why else None
+    if not why:  # a setting added since run.json was written counts as its default: older runs keep resuming
+        recorded = {**{k: FIELDS[k].default for k in identity if k in FIELDS and k not in recorded}, **recorded}
     checkpoints = complete_checkpoints(layout.checkpoints)
     if why and checkpoints:
         raise Refused(f"{layout.run} {why}, but OUTPUT_DIR holds checkpoints: run.json records the settings they were "

@@ -515,9 +515,12 @@ def fingerprint(s: Settings, tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     h.update(hashlib.sha256(vocab.encode()).digest())
     for name in ("dataset_split", "eval_split", "data_format", "prompt_template", "response_column",
-                 "system_prompt", "column_map", "role_map", "prompt_format", "skip_bad_rows", "max_length",
-                 "eval_fraction", "max_eval_samples", "seed"):
+                 "system_prompt", "prompt_format", "skip_bad_rows", "max_length", "eval_fraction",
+                 "max_eval_samples", "seed"):
         h.update(f"{name}={getattr(s, name)!r};".encode())
+    for name in ("column_map", "role_map"):  # only when set: runs made before these settings existed still resume
+        if getattr(s, name):
+            h.update(f"{name}={getattr(s, name)!r};".encode())
     return h.hexdigest()[:16]
 
 

@@ -103,3 +103,24 @@ def test_claim_records_the_batch_without_comparing_it(tmp_path):
     assert checkpoint.read_json(layout.run)["batch"] == batch(1, 2)
     checkpoint.claim(layout, {"lora_r": 16})  # a finished run's rerun trains nothing: the recorded layout stands
     assert checkpoint.read_json(layout.run)["batch"] == batch(1, 2)
+
+
+def test_a_setting_added_since_run_json_was_written_counts_as_its_default(tmp_path):
+    """Upgrading the job adds settings to the run's identity (COLUMN_MAP, ROLE_MAP): a run whose run.json predates
+    them resumes while they keep their defaults, and is refused, naming one, when it is set."""
+    layout = Layout(tmp_path)
+    fake_checkpoint(layout.checkpoints, 5)
+    checkpoint.write_json(layout.run, {"lora_r": 16})
+    checkpoint.claim(layout, {"lora_r": 16, "column_map": None, "role_map": None})
+    with pytest.raises(ConfigError, match="COLUMN_MAP: None -> 'dialog=messages'"):
+        checkpoint.claim(layout, {"lora_r": 16, "column_map": "dialog=messages", "role_map": None})
+
+
+def test_the_data_fingerprint_of_a_run_without_column_or_role_maps_is_unchanged(tiny_tokenizer):
+    """The fingerprint is part of the run's identity: the one every run of the bundled data with the built-in
+    tokenizer and default settings recorded before COLUMN_MAP and ROLE_MAP existed (computed with that code)."""
+    from job import config, data
+
+    s = config.load(environ={})
+    assert data.fingerprint(s, tiny_tokenizer) == "23f5fdd4d3f64975"
+    assert data.fingerprint(config.load(environ={"ROLE_MAP": "bot=assistant"}), tiny_tokenizer) != "23f5fdd4d3f64975"
