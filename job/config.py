@@ -94,7 +94,10 @@ class Settings:
     dataset: str = setting(BUILTIN_DATASET, "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or "
                            "directory of them; the default is a small bundled task set.", group="inputs")
     dataset_config: str | None = setting(None, "Hub dataset configuration name.", group="inputs")
-    dataset_split: str = setting("train", "Split to train on.", group="inputs")
+    dataset_revision: str | None = setting(None, "Branch, tag or commit of a Hub dataset, so a rerun reads the same "
+                                           "rows.", group="inputs")
+    dataset_split: str = setting("train", "Split to train on (a local directory's splits are its files or folders "
+                                 "named by split: train.jsonl, test.jsonl).", group="inputs")
     eval_split: str | None = setting(None, "Split to evaluate on; unset cuts EVAL_FRACTION off the training split.",
                                      group="inputs")
     data_format: str = setting("auto", "How rows become conversations; auto detects it from the columns.",

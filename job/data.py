@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -110,15 +111,45 @@ def read_rows(s: Settings, split: str) -> list[Row]:
         return _read_jsonl(BUNDLED_DATASET) if split == s.dataset_split else []
     path = Path(s.dataset)
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"DATASET={s.dataset}: no {', '.join(LOCAL_SUFFIXES)} files in it")
-        if split != s.dataset_split:  # local files hold one split; evaluation is cut from it
-            return []
-        return [row for f in files for row in _read_local(f)]
+        return [row for f in local_files(s, split) for row in _read_local(f)]
     if s.dataset.startswith((".", "/")) or Path(s.dataset).suffix in LOCAL_SUFFIXES:
         raise DataError(f"DATASET={s.dataset}: no such file or directory")
     return _read_hub(s, split)
+
+
+def local_files(s: Settings, split: str) -> list[Path]:
+    """The files of one split of a local DATASET. A directory whose files (or subdirectories) are named by split,
+    as `datasets` names them (train.jsonl, test-00000-of-00001.parquet, validation/part1.csv), holds each split in
+    its own; any other file or directory is one split, the training one, and evaluation is cut from it."""
+    path = Path(s.dataset)
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"DATASET={s.dataset}: no {', '.join(LOCAL_SUFFIXES)} files in it")
+    by_split = {f: split_of(f.relative_to(path)) for f in files} if path.is_dir() else {}
+    if not any(by_split.values()):
+        if split == s.dataset_split:
+            return files
+        raise DataError(f"EVAL_SPLIT={split}: DATASET={s.dataset} holds one split (no files or directories named "
+                        f"by split, such as train.jsonl and {split}.jsonl); unset EVAL_SPLIT to cut EVAL_FRACTION "
+                        "of the rows off for evaluation")
+    chosen = [f for f, name in by_split.items() if name == split]
+    if not chosen:
+        names = sorted({name for name in by_split.values() if name})
+        setting = "DATASET_SPLIT" if split == s.dataset_split else "EVAL_SPLIT"
+        raise DataError(f"{setting}={split}: DATASET={s.dataset} has no files for it; its splits: {', '.join(names)}")
+    return chosen
+
+
+SPLIT_NAME = re.compile(r"(?P<split>train|test|validation|valid|eval|dev)(?:[-._ 0-9].*)?")
+
+
+def split_of(relative: Path) -> str | None:
+    """The split a file belongs to by its name or its first directory's, as `datasets` reads a folder; else None."""
+    for part in (relative.parts[0], relative.stem) if len(relative.parts) > 1 else (relative.stem,):
+        match = SPLIT_NAME.fullmatch(part)
+        if match:
+            return match["split"]
+    return None
 
 
 def _read_local(path: Path) -> list[Row]:
@@ -175,7 +206,7 @@ def _read_hub(s: Settings, split: str) -> list[Row]:
     import datasets
 
     try:
-        table = datasets.load_dataset(s.dataset, s.dataset_config, split=split,
+        table = datasets.load_dataset(s.dataset, s.dataset_config, split=split, revision=s.dataset_revision,
                                       trust_remote_code=s.trust_remote_code or None)
     except ValueError as error:
         if split != s.dataset_split and "split" in str(error).lower():
@@ -510,8 +541,14 @@ def fingerprint(s: Settings, tokenizer) -> str:
         for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
             h.update(f.name.encode())
             h.update(hashlib.sha256(f.read_bytes()).digest())
+        training = local_files(s, s.dataset_split)
+        if path.is_dir() and len(training) < sum(1 for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES):
+            # a folder of several splits was read whole before its splits were told apart
+            h.update(f"split files={[str(f.relative_to(path)) for f in training]};".encode())
     else:
         h.update(f"{s.dataset}|{s.dataset_config}".encode())
+        if s.dataset_revision:  # only when set: runs made before it existed still resume
+            h.update(f"revision={s.dataset_revision};".encode())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     h.update(hashlib.sha256(vocab.encode()).digest())
     for name in ("dataset_split", "eval_split", "data_format", "prompt_template", "response_column",
