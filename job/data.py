@@ -165,9 +165,36 @@ def _read_local(path: Path) -> list[Row]:
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as error:  # the builders raise many types; all mean the file cannot be parsed
-        raise DataError(f"{path}: cannot be read as {kind}: {error}") from None
+        where = csv_problem(path) if kind == "csv" else None
+        raise DataError(where or f"{path}: cannot be read as {kind}: {error}") from None
     offset = 2 if kind == "csv" else 1  # a CSV's first data row is line 2
     return [Row(f"{path}:{i + offset}", dict(r)) for i, r in enumerate(table)]
+
+
+def csv_problem(path: Path) -> str | None:
+    """Where a CSV that the CSV builder refused goes wrong, as file:line (it names no line for bad UTF-8 or an
+    unclosed quote): read again with the csv module, which counts lines."""
+    import csv
+    import io
+
+    raw = path.read_bytes()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"{path}:{number}: not valid UTF-8 (byte {error.start} of the line); save the file as UTF-8"
+    reader = csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), strict=True)
+    width, start = None, 1
+    try:
+        for row in reader:
+            if width is None:
+                width = len(row)
+            elif row and len(row) != width:
+                return f"{path}:{start}: {len(row)} fields where the header has {width}"
+            start = reader.line_num + 1
+    except csv.Error as error:
+        return f"{path}:{start}: the row starting here cannot be parsed ({error}); an unclosed quote?"
+    return None
 
 
 def _read_jsonl(path: Path) -> list[Row]:

@@ -240,3 +240,16 @@ def test_dataset_revision_reaches_the_hub_loader_and_the_fingerprint(monkeypatch
     assert asked == {"name": "org/data", "split": "train", "revision": "v1.2"}
     unpinned = config.load({}, environ={"DATASET": "org/data", "BASE_MODEL": "x/y"})
     assert data.fingerprint(pinned, tiny_tokenizer) != data.fingerprint(unpinned, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'prompt,completion\nq1,a1\nq2,"a2 never closed\nq3,a3\n', ":3: the row starting here cannot be parsed"),
+    (b"prompt,completion\nq1,a1\nq2,\xff\xfe broken\n", ":3: not valid UTF-8"),
+    (b"prompt,completion\nq1,a1\nq2,a2,extra,more\n", ":3: 4 fields where the header has 2"),
+])
+def test_a_broken_csv_is_named_by_file_and_line(tmp_path, tiny_tokenizer, content, message):
+    path = tmp_path / "d.csv"
+    path.write_bytes(content)
+    s = config.load({}, environ={"DATASET": str(path), "BASE_MODEL": "x/y"})
+    with pytest.raises(DataError, match=f"d.csv{message}"):
+        data.prepare(s, tiny_tokenizer, "llama")
