@@ -22,7 +22,7 @@ from pathlib import Path
 
 from job.checkpoint import is_complete, read_json, seal, write_json
 from job.config import BUILTIN_DATASET, Settings, name_pairs
-from job.errors import ConfigError, DataError
+from job.errors import ConfigError, DataError, unreachable_or
 
 log = logging.getLogger("job.data")
 
@@ -240,7 +240,8 @@ def _read_hub(s: Settings, split: str) -> list[Row]:
             return []
         raise DataError(f"DATASET={s.dataset} split {split!r}: {error}") from None
     except Exception as error:
-        raise DataError(f"DATASET={s.dataset}: cannot load it from the hub or disk: {error}") from None
+        raise unreachable_or(error, f"DATASET={s.dataset}",
+                             DataError(f"DATASET={s.dataset}: cannot load it from the hub or disk: {error}")) from None
     return [Row(f"{s.dataset}[{split}]:{i}", dict(r)) for i, r in enumerate(table)]
 
 

@@ -15,7 +15,7 @@ import uuid
 from job import checkpoint, data, longctx, model, publish, speed
 from job.checkpoint import Layout
 from job.config import Settings, batch_layout, trainer_args
-from job.errors import ConfigError
+from job.errors import ConfigError, unreachable_or
 
 QUANTIZED_BYTES = {"nf4": 0.56, "int8": 1.06, "none": 2.0}  # per parameter, with quantization constants
 
@@ -92,7 +92,8 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}") from None
+        raise unreachable_or(error, f"BASE_MODEL={s.base_model}",
+                             ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}")) from None
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
