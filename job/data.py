@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import random
 import re
 import shutil
@@ -589,6 +591,68 @@ def fingerprint(s: Settings, tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Work:
+    """What turns a row into tokens; forked workers inherit it (tokenizers and templates do not pickle cheaply)."""
+
+    settings: Settings
+    tokenizer: object
+    template: str
+    format_name: str
+    data_format: str
+
+
+# Rows a worker takes at a time: enough that sending back the tokens costs little beside making them.
+CHUNK_ROWS = 256
+PARALLEL_FROM_ROWS = 2048  # below this, starting the workers costs more than it saves
+_work: Work | None = None  # the forked workers' copy
+
+
+def render_and_tokenize(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+    """(conversation, input ids, labels) of every good row in order, the bad rows skipped (when SKIP_BAD_ROWS), and
+    the end-of-turn token. Runs on every CPU core this process may use, in forked workers: rendering a chat template
+    and tokenizing is Python work per row, one core's worth in one process. A bad row stops it naming file:line
+    (the first in file order), as in one process."""
+    global _work
+    chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    if len(rows) < PARALLEL_FROM_ROWS or workers < 2:
+        results = [_chunk(work, chunk) for chunk in chunks]
+    else:
+        _work = work
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                results = list(pool.imap(_chunk_in_worker, chunks))
+        finally:
+            _work = None
+    done = [item for chunk_done, _, _ in results for item in chunk_done]
+    skipped = [text for _, chunk_skipped, _ in results for text in chunk_skipped]
+    eot = next((e for _, _, e in results if e is not None), None)
+    return done, skipped, eot
+
+
+def _chunk_in_worker(rows: list[Row]):
+    return _chunk(_work, rows)
+
+
+def _chunk(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+    s, tokenizer = work.settings, work.tokenizer
+    done, skipped, eot = [], [], None
+    for row in rows:
+        try:
+            chat = to_messages(row, work.data_format, s)
+            segments = render_row(row, chat, tokenizer, work.template, work.format_name, s)
+        except DataError as error:
+            if not s.skip_bad_rows:
+                raise DataError(f"{error} (set SKIP_BAD_ROWS=true to skip such rows)") from None
+            skipped.append(str(error))
+            continue
+        if eot is None:
+            eot = end_of_turn_id(segments, tokenizer)
+        done.append((chat, *tokenize(segments, tokenizer)))
+    return done, skipped, eot
+
+
 def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
     """Read, check, render and tokenize the data; raises DataError naming the row on bad input."""
     import datasets
@@ -601,44 +665,27 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         raise DataError(f"DATASET={s.dataset}: split {s.dataset_split!r} has no rows")
     data_format = s.data_format if s.data_format != "auto" else detect_format(set(train_rows[0].record))
 
-    skipped: list[str] = []
-
-    def convert(rows):
-        """(conversation, rendered segments) of each good row; a bad row stops the job, or is skipped and counted."""
-        out = []
-        for row in rows:
-            try:
-                chat = to_messages(row, data_format, s)
-                out.append((chat, render_row(row, chat, tokenizer, template, format_name, s)))
-            except DataError as error:
-                if not s.skip_bad_rows:
-                    raise DataError(f"{error} (set SKIP_BAD_ROWS=true to skip such rows)") from None
-                skipped.append(str(error))
-        return out
-
-    train_chats, eval_chats = convert(train_rows), convert(eval_rows)
-    if not train_chats:
+    work = Work(s, tokenizer, template, format_name, data_format)
+    train_done, train_skipped, eot = render_and_tokenize(work, train_rows)
+    eval_done, eval_skipped, _ = render_and_tokenize(work, eval_rows)
+    skipped = train_skipped + eval_skipped
+    if not train_done:
         raise DataError(f"every one of the {len(train_rows)} training rows is bad (SKIP_BAD_ROWS=true skipped them "
                         f"all); the first: {skipped[0]}")
-    if not eval_chats and s.eval_fraction > 0 and len(train_chats) > 1:
-        order = list(range(len(train_chats)))
+    if not eval_done and s.eval_fraction > 0 and len(train_done) > 1:
+        order = list(range(len(train_done)))
         random.Random(s.seed).shuffle(order)
         cut = max(1, round(len(order) * s.eval_fraction))
-        eval_chats = [train_chats[i] for i in order[:cut]]
-        train_chats = [train_chats[i] for i in sorted(order[cut:])]
-    eval_chats = eval_chats[: s.max_eval_samples]
+        eval_done = [train_done[i] for i in order[:cut]]
+        train_done = [train_done[i] for i in sorted(order[cut:])]
+    eval_done = eval_done[: s.max_eval_samples]
 
     counts = {"truncated": 0, "dropped_no_answer_left": 0, "labelled": 0, "tokens": 0}
     lengths: list[int] = []
-    eot = None
 
-    def encode(chats):
-        nonlocal eot
+    def encode(done):
         columns = {"input_ids": [], "labels": []}
-        for _, segments in chats:
-            if eot is None:
-                eot = end_of_turn_id(segments, tokenizer)
-            ids, labels = tokenize(segments, tokenizer)
+        for _, ids, labels in done:
             lengths.append(len(ids))
             if len(ids) > s.max_length:
                 counts["truncated"] += 1
@@ -652,7 +699,7 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
             columns["labels"].append(labels)
         return datasets.Dataset.from_dict(columns)
 
-    train, evaluation = encode(train_chats), encode(eval_chats) if eval_chats else None
+    train, evaluation = encode(train_done), encode(eval_done) if eval_done else None
     if len(train) == 0:
         raise DataError(f"MAX_LENGTH={s.max_length}: every training row is longer than that before its answer "
                         f"starts (longest row {max(lengths)} tokens); raise MAX_LENGTH")
@@ -678,7 +725,7 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         "train_tokens": sum(len(x) for x in train["input_ids"]),
     }
     # the prompt test (evaluate, merge) renders prompts without tools=, so it takes plain conversations only
-    plain = [chat for chat, _ in eval_chats if isinstance(chat, Chat) and not chat.uses_tools()]
+    plain = [chat for chat, _, _ in eval_done if isinstance(chat, Chat) and not chat.uses_tools()]
     samples = [{"messages": chat.messages[:-1], "reference": chat.messages[-1]["content"]}
                for chat in plain[: s.sample_prompts]]
     return Prepared(train, evaluation, template, eot, samples, stats)

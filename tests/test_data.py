@@ -1,6 +1,7 @@
 """Rows to conversations to tokens: formats, loss masks, end-of-turn, bad rows named by file:line."""
 
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -253,3 +254,22 @@ def test_a_broken_csv_is_named_by_file_and_line(tmp_path, tiny_tokenizer, conten
     s = config.load({}, environ={"DATASET": str(path), "BASE_MODEL": "x/y"})
     with pytest.raises(DataError, match=f"d.csv{message}"):
         data.prepare(s, tiny_tokenizer, "llama")
+
+
+def test_tokenizing_in_workers_gives_what_one_process_gives_and_names_the_first_bad_row(tmp_path, tiny_tokenizer,
+                                                                                        monkeypatch):
+    rows = [{"prompt": f"질문 {i}: " + "word " * (i % 40), "completion": f"answer {i}"} for i in range(3000)]
+    s = make(tmp_path, rows, EVAL_FRACTION="0.1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # three workers even on a smaller machine
+    parallel = data.prepare(s, tiny_tokenizer, "llama")
+    monkeypatch.setattr(data, "PARALLEL_FROM_ROWS", 10**9)
+    serial = data.prepare(s, tiny_tokenizer, "llama")
+    assert parallel.train["input_ids"] == serial.train["input_ids"] and parallel.stats == serial.stats
+    assert parallel.eval["labels"] == serial.eval["labels"] and parallel.end_of_turn_id == serial.end_of_turn_id
+
+    monkeypatch.setattr(data, "PARALLEL_FROM_ROWS", 2048)
+    rows[2900] = rows[2950] = {"prompt": "q", "completion": "  "}
+    with pytest.raises(DataError, match=r"d.jsonl:2901: .*SKIP_BAD_ROWS"):
+        data.prepare(make(tmp_path, rows), tiny_tokenizer, "llama")
+    skipping = data.prepare(make(tmp_path, rows, SKIP_BAD_ROWS="true"), tiny_tokenizer, "llama")
+    assert skipping.stats["skipped_bad_rows"] == 2 and "d.jsonl:2901" in skipping.stats["skipped_examples"][0]
