@@ -19,6 +19,7 @@ import time
 
 import click
 
+import job
 from job import checkpoint, config, errors, launch
 from job.checkpoint import Layout
 
@@ -46,12 +47,16 @@ def with_settings(command):
         if not s.output_dir.strip():  # Path("") is the current directory
             raise errors.ConfigError("OUTPUT_DIR is empty: set it to the directory the job may write into")
         setup_logging(Layout(s.output))
+        if launch.EXIT_DIR not in os.environ:  # not again in every training process
+            for name, hint in config.misspelt_variables(os.environ).items():
+                log.warning("%s is not a setting and is ignored: %s", name, hint)
         return command(s)
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
              epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in errors.EXIT_CODES.items()))
+@click.version_option(job.__version__, prog_name="job")
 def cli():
     """Fine-tune a causal LM with QLoRA/LoRA, merge it, verify it and push it to the Hub."""
 
@@ -385,11 +390,19 @@ def setup_logging(layout: Layout) -> None:
 
 
 def main(argv=None) -> None:
+    use_token_file_everywhere()
     code = run_command(argv)
     # the launchers between a training process and `job run` report any failure as 1, whatever failed
     # and when (even while reading the settings): the process leaves its own code for `job run`
     launch.report_exit_code(code)
     sys.exit(code)
+
+
+def use_token_file_everywhere() -> None:
+    """Make every Hub request read HF_TOKEN_FILE (downloads of a gated base model too, not only the push):
+    huggingface_hub reads its token file from HF_TOKEN_PATH, once, when it is first imported."""
+    if os.environ.get("HF_TOKEN_FILE") and not os.environ.get("HF_TOKEN_PATH"):
+        os.environ["HF_TOKEN_PATH"] = os.environ["HF_TOKEN_FILE"]
 
 
 def run_command(argv) -> int:

@@ -8,6 +8,7 @@ Resolution order: defaults < YAML file (CONFIG_FILE) < environment < command-lin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -27,6 +28,48 @@ PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.yaml")))
 SHARDED = ("fsdp", "zero3")  # strategies that split each weight across the ranks
 HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # user/name on the Hub
 NAME_PAIRS = re.compile(r"\s*[^=,\s][^=,]*=[^=,]*[^=,\s]\s*(,\s*[^=,\s][^=,]*=[^=,]*[^=,\s]\s*)*")  # a=b, c=d
+
+# What users of TRL (SFTConfig, ModelConfig, `trl sft` flags) and axolotl call the same settings: accepted in the YAML
+# file and the environment alike (lower or upper case), as if the job's own name had been written.
+ALIASES = {
+    "model_name_or_path": "base_model", "dataset_name": "dataset", "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "sequence_len": "max_length", "lr_scheduler_type": "lr_scheduler",
+    "sample_packing": "packing", "lora_rank": "lora_r", "dataset_config_name": "dataset_config",
+}
+# Names other tools use for something the job spells differently or does not have: what to write instead.
+FOREIGN = {
+    "batch_size": "MICRO_BATCH_SIZE (rows per device a step) or GLOBAL_BATCH_SIZE (rows per optimizer step)",
+    "model": "BASE_MODEL", "model_name": "BASE_MODEL", "model_id": "BASE_MODEL", "base_model_id": "BASE_MODEL",
+    "datasets": "DATASET (one dataset; COLUMN_MAP and ROLE_MAP rename its columns and roles)",
+    "lr": "LEARNING_RATE", "epoch": "EPOCHS", "load_in_4bit": "QUANTIZATION=nf4 (the default)",
+    "load_in_8bit": "QUANTIZATION=int8", "adapter": "nothing: LoRA is the job's adapter (USE_DORA=true for DoRA)",
+    "lora_target_linear": "LORA_TARGET_MODULES=all-linear (the default)", "val_set_size": "EVAL_FRACTION",
+    "chat_template": "PROMPT_FORMAT (a named template) or the tokenizer's own",
+}
+# SFTConfig arguments the job sets itself (job.train), refused in TRAINER_ARGS: what sets them instead.
+OWNED_ARGUMENTS = {
+    "output_dir": "OUTPUT_DIR", "learning_rate": "LEARNING_RATE", "lr_scheduler_type": "LR_SCHEDULER",
+    "warmup_steps": "WARMUP_RATIO", "warmup_ratio": "WARMUP_RATIO", "num_train_epochs": "EPOCHS",
+    "max_steps": "MAX_STEPS", "per_device_train_batch_size": "MICRO_BATCH_SIZE",
+    "per_device_eval_batch_size": "MICRO_BATCH_SIZE", "gradient_accumulation_steps": "GRAD_ACCUM or GLOBAL_BATCH_SIZE",
+    "max_length": "MAX_LENGTH", "packing": "PACKING", "padding_free": "PACKING", "seed": "SEED", "data_seed": "SEED",
+    "eval_strategy": "EVAL_STEPS", "eval_steps": "EVAL_STEPS", "save_strategy": "SAVE_STEPS", "save_steps": "SAVE_STEPS",
+    "save_total_limit": "SAVE_TOTAL_LIMIT", "logging_steps": "LOGGING_STEPS", "report_to": "REPORT_TO",
+    "gradient_checkpointing": "GRADIENT_CHECKPOINTING", "activation_checkpointing": "GRADIENT_CHECKPOINTING",
+    "activation_checkpointing_kwargs": "GRADIENT_CHECKPOINTING", "dataloader_num_workers": "DATALOADER_WORKERS",
+    "bf16": "nothing: the compute dtype follows the GPU", "fp16": "nothing: the compute dtype follows the GPU",
+    "use_cpu": "nothing: the device is found", "push_to_hub": "HUB_MODEL_ID (pushed once the merge is verified)",
+    "hub_model_id": "HUB_MODEL_ID", "resume_from_checkpoint": "nothing: a rerun resumes by itself",
+    "deepspeed": "STRATEGY", "fsdp": "STRATEGY", "fsdp_config": "STRATEGY", "ddp_timeout": "nothing (3 hours)",
+    "dataset_num_proc": "nothing (tokenizing is the job's)", "disable_tqdm": "LOGGING_STEPS",
+    "logging_nan_inf_filter": "nothing: the job checks every step for NaN",
+}
+# Variables of other tools that are never a misspelt setting (the did-you-mean check skips them).
+OTHER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "NCCL_", "CUDA_", "HF_", "HUGGINGFACE_", "TORCH", "PYTORCH_", "OMP_",
+                  "KUBERNETES_", "PET_", "WANDB_", "MLFLOW_", "JOB_", "GLOO_", "TRANSFORMERS_", "TOKENIZERS_", "LC_",
+                  "XDG_", "PYTHON", "PIP_", "CONTAINER_", "APPTAINER_", "SINGULARITY_", "ENROOT_", "PYXIS_")
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training",
@@ -51,7 +94,10 @@ class Settings:
     dataset: str = setting(BUILTIN_DATASET, "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or "
                            "directory of them; the default is a small bundled task set.", group="inputs")
     dataset_config: str | None = setting(None, "Hub dataset configuration name.", group="inputs")
-    dataset_split: str = setting("train", "Split to train on.", group="inputs")
+    dataset_revision: str | None = setting(None, "Branch, tag or commit of a Hub dataset, so a rerun reads the same "
+                                           "rows.", group="inputs")
+    dataset_split: str = setting("train", "Split to train on (a local directory's splits are its files or folders "
+                                 "named by split: train.jsonl, test.jsonl).", group="inputs")
     eval_split: str | None = setting(None, "Split to evaluate on; unset cuts EVAL_FRACTION off the training split.",
                                      group="inputs")
     data_format: str = setting("auto", "How rows become conversations; auto detects it from the columns.",
@@ -112,6 +158,10 @@ class Settings:
     packing: bool = setting(True, "Pack rows into MAX_LENGTH sequences without padding; each row still "
                             "attends only to itself.")
     seed: int = setting(42, "Seed for data order, splits and initialisation.")
+    trainer_args: str | None = setting(None, "Any other argument of TRL's SFTConfig (transformers' TrainingArguments "
+                                       "included), as a JSON or YAML mapping, e.g. {\"weight_decay\": 0.01, "
+                                       "\"max_grad_norm\": 0.3, \"neftune_noise_alpha\": 5}; checked in preflight. "
+                                       "Arguments the job sets itself are refused, naming the setting for them.")
 
     # --- speed levers: none changes what is trained; auto picks from the card, its free memory and the
     # model (job/speed.py; `job preflight` prints the choice and why)
@@ -253,6 +303,11 @@ def parse_value(f: dataclasses.Field, raw, source: str):
             return None
         raise ConfigError(f"{name} ({source}): a value is required")
     kind = value_type(f)
+    if kind is str and isinstance(raw, (list, tuple)):  # YAML: lora_target_modules: [q_proj, v_proj]
+        raw = ",".join(str(item).strip() for item in raw)
+    elif kind is str and isinstance(raw, dict):  # YAML: role_map: {bot: assistant}; trainer_args: {...}
+        raw = (json.dumps(raw) if f.name == "trainer_args"
+               else ",".join(f"{key}={value}" for key, value in raw.items()))
     text = str(raw).strip()
     choices = f.metadata["choices"] or ()
     if kind is str and "true" in choices and text.lower() in _TRUE | _FALSE:
@@ -285,9 +340,14 @@ def load(flags: dict | None = None, environ: dict | None = None, config_file: st
     config_file = config_file or environ.get("CONFIG_FILE")
     if config_file:
         values.update(_read_yaml(Path(config_file), "CONFIG_FILE"))
-    for f in FIELDS.values():
-        if env_name(f) in environ:
-            values[f.name] = parse_value(f, environ[env_name(f)], "environment")
+    given = {}
+    for name, raw in environ.items():
+        f = by_name().get(name) if name.isupper() else None
+        if f is not None:
+            if f.name in given:
+                raise ConfigError(f"{given[f.name]} and {name} (environment) both set {env_name(f)}: keep one")
+            given[f.name] = name
+            values[f.name] = parse_value(f, raw, "environment" if name == env_name(f) else f"environment {name}")
     for name, raw in (flags or {}).items():
         if raw is not None:
             values[name] = parse_value(FIELDS[name], raw, "flag --" + name.replace("_", "-"))
@@ -297,7 +357,7 @@ def load(flags: dict | None = None, environ: dict | None = None, config_file: st
     if preset in PRESET_NAMES:
         values = {**_read_yaml(PRESETS / f"{preset}.yaml", "PRESET"), **values}
     settings = Settings(**{**values, "preset": preset})
-    problems = validate(settings)
+    problems = validate(settings) + misspelt_base_model(settings, environ)
     if problems:
         raise ConfigError("invalid settings:\n  - " + "\n  - ".join(problems))
     return settings
@@ -310,12 +370,75 @@ def _read_yaml(path: Path, source: str) -> dict:
         raise ConfigError(f"{source} {path}: cannot read it: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source} {path}: expected a mapping of settings, got {type(data).__name__}")
-    by_key = {**{f.name: f for f in FIELDS.values()}, **{env_name(f): f for f in FIELDS.values()}}
-    unknown = sorted(str(k) for k in data if k not in by_key)
+    names = by_name()
+    unknown = [str(k) for k in data if str(k) not in names]
     if unknown:
-        raise ConfigError(f"{source} {path}: unknown settings {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(env_name(f) for f in FIELDS.values()))}")
-    return {by_key[k].name: parse_value(by_key[k], v, f"{source} {path}") for k, v in data.items()}
+        raise ConfigError(f"{source} {path}: unknown settings:\n  - "
+                          + "\n  - ".join(f"{k}: {suggest(k) or 'not a setting (job --help lists them)'}"
+                                           for k in unknown))
+    values, keys = {}, {}
+    for key, raw in data.items():
+        f = names[str(key)]
+        if f.name in keys:
+            raise ConfigError(f"{source} {path}: {keys[f.name]} and {key} both set {env_name(f)}: keep one")
+        keys[f.name] = key
+        values[f.name] = parse_value(f, raw, f"{source} {path}")
+    return values
+
+
+def by_name() -> dict[str, dataclasses.Field]:
+    """Every name a setting is known by: field name, variable, and the aliases in either case."""
+    names = {}
+    for f in FIELDS.values():
+        names[f.name] = names[env_name(f)] = f
+    for alias, name in ALIASES.items():
+        names[alias] = names[alias.upper()] = FIELDS[name]
+    return names
+
+
+def suggest(name: str, trainer_arguments: bool = True) -> str | None:
+    """What a name that is not a setting was probably meant to be ("did you mean ..."), or None."""
+    key = name.lower()
+    if key in FOREIGN:
+        return f"use {FOREIGN[key]}"
+    close = closest_setting(name)
+    if close:
+        return f"did you mean {close}?"
+    if trainer_arguments and trainer_argument(key):
+        return "a trainer argument: put it in TRAINER_ARGS"
+    return None
+
+
+def misspelt_variables(environ) -> dict[str, str]:
+    """Environment variables that look like a misspelt or foreign setting name, with the suggestion for each."""
+    names = by_name()
+    candidates = [name for name in environ if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in names
+                  and not name.startswith(OTHER_PREFIXES)]
+    return {name: hint for name in candidates if (hint := suggest(name, trainer_arguments=False))}
+
+
+def closest_setting(name: str) -> str | None:
+    """The setting (its variable) whose name or alias is closest to `name`, if one is close."""
+    names = {key: env_name(f) for key, f in by_name().items() if key.isupper()}
+    close = difflib.get_close_matches(name.upper(), list(names), n=1, cutoff=0.8)
+    return names[close[0]] if close else None
+
+
+def misspelt_base_model(s: Settings, environ) -> list[str]:
+    """A real DATASET with BASE_MODEL unset and a variable that looks like it: the built-in tiny model would be
+    trained on it, which nobody means."""
+    if s.base_model != BUILTIN_MODEL or s.dataset == BUILTIN_DATASET:
+        return []
+    return [f"{name}={environ[name]!r} is not a setting ({hint}); BASE_MODEL is unset, so the built-in tiny model "
+            f"would be trained on DATASET={s.dataset!r}" for name, hint in misspelt_variables(environ).items()
+            if "BASE_MODEL" in hint]
+
+
+def trainer_argument(name: str) -> bool:
+    """Whether `name` is an argument of TRL's SFTConfig (transformers' TrainingArguments and TRL's own)."""
+    from trl import SFTConfig
+
+    return name in {f.name for f in dataclasses.fields(SFTConfig)}
 
 
 def validate(s: Settings) -> list[str]:
@@ -385,6 +508,14 @@ def validate(s: Settings) -> list[str]:
          "use auto or off")
     need(s.hub_model_id is None or bool(HUB_ID.fullmatch(s.hub_model_id)), "hub_model_id",
          "must look like user/name")
+    if s.trainer_args is not None:
+        try:
+            extra = trainer_args(s)
+        except ConfigError as error:
+            problems.append(str(error))
+        else:
+            problems += [f"TRAINER_ARGS: {key} is set by the job; use {OWNED_ARGUMENTS[key]}"
+                         for key in extra if key in OWNED_ARGUMENTS]
     trackers = {t.strip() for t in s.report_to.split(",")}
     need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
          "must be a comma-separated subset of tensorboard, wandb, mlflow, none")
@@ -426,6 +557,20 @@ def process_counts(wanted: int, micro: int, most: int = 8) -> list[int]:
     if wanted % micro:
         return []
     return [n for n in range(1, wanted // micro + 1) if (wanted // micro) % n == 0][:most]
+
+
+def trainer_args(s: Settings) -> dict:
+    """TRAINER_ARGS as a mapping of SFTConfig arguments (checked against SFTConfig itself in preflight)."""
+    if s.trainer_args is None:
+        return {}
+    try:
+        extra = yaml.safe_load(s.trainer_args)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"TRAINER_ARGS: not a JSON or YAML mapping: {error}") from None
+    if not isinstance(extra, dict) or not all(isinstance(key, str) for key in extra):
+        raise ConfigError(f"TRAINER_ARGS={s.trainer_args!r}: must be a mapping of argument names to values, "
+                          'e.g. {"weight_decay": 0.01}')
+    return extra
 
 
 def name_pairs(text: str) -> dict[str, str]:

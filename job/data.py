@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import random
+import re
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from job.checkpoint import is_complete, read_json, seal, write_json
 from job.config import BUILTIN_DATASET, Settings, name_pairs
-from job.errors import ConfigError, DataError
+from job.errors import ConfigError, DataError, unreachable_or
 
 log = logging.getLogger("job.data")
 
@@ -110,15 +113,45 @@ def read_rows(s: Settings, split: str) -> list[Row]:
         return _read_jsonl(BUNDLED_DATASET) if split == s.dataset_split else []
     path = Path(s.dataset)
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"DATASET={s.dataset}: no {', '.join(LOCAL_SUFFIXES)} files in it")
-        if split != s.dataset_split:  # local files hold one split; evaluation is cut from it
-            return []
-        return [row for f in files for row in _read_local(f)]
+        return [row for f in local_files(s, split) for row in _read_local(f)]
     if s.dataset.startswith((".", "/")) or Path(s.dataset).suffix in LOCAL_SUFFIXES:
         raise DataError(f"DATASET={s.dataset}: no such file or directory")
     return _read_hub(s, split)
+
+
+def local_files(s: Settings, split: str) -> list[Path]:
+    """The files of one split of a local DATASET. A directory whose files (or subdirectories) are named by split,
+    as `datasets` names them (train.jsonl, test-00000-of-00001.parquet, validation/part1.csv), holds each split in
+    its own; any other file or directory is one split, the training one, and evaluation is cut from it."""
+    path = Path(s.dataset)
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"DATASET={s.dataset}: no {', '.join(LOCAL_SUFFIXES)} files in it")
+    by_split = {f: split_of(f.relative_to(path)) for f in files} if path.is_dir() else {}
+    if not any(by_split.values()):
+        if split == s.dataset_split:
+            return files
+        raise DataError(f"EVAL_SPLIT={split}: DATASET={s.dataset} holds one split (no files or directories named "
+                        f"by split, such as train.jsonl and {split}.jsonl); unset EVAL_SPLIT to cut EVAL_FRACTION "
+                        "of the rows off for evaluation")
+    chosen = [f for f, name in by_split.items() if name == split]
+    if not chosen:
+        names = sorted({name for name in by_split.values() if name})
+        setting = "DATASET_SPLIT" if split == s.dataset_split else "EVAL_SPLIT"
+        raise DataError(f"{setting}={split}: DATASET={s.dataset} has no files for it; its splits: {', '.join(names)}")
+    return chosen
+
+
+SPLIT_NAME = re.compile(r"(?P<split>train|test|validation|valid|eval|dev)(?:[-._ 0-9].*)?")
+
+
+def split_of(relative: Path) -> str | None:
+    """The split a file belongs to by its name or its first directory's, as `datasets` reads a folder; else None."""
+    for part in (relative.parts[0], relative.stem) if len(relative.parts) > 1 else (relative.stem,):
+        match = SPLIT_NAME.fullmatch(part)
+        if match:
+            return match["split"]
+    return None
 
 
 def _read_local(path: Path) -> list[Row]:
@@ -134,9 +167,36 @@ def _read_local(path: Path) -> list[Row]:
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as error:  # the builders raise many types; all mean the file cannot be parsed
-        raise DataError(f"{path}: cannot be read as {kind}: {error}") from None
+        where = csv_problem(path) if kind == "csv" else None
+        raise DataError(where or f"{path}: cannot be read as {kind}: {error}") from None
     offset = 2 if kind == "csv" else 1  # a CSV's first data row is line 2
     return [Row(f"{path}:{i + offset}", dict(r)) for i, r in enumerate(table)]
+
+
+def csv_problem(path: Path) -> str | None:
+    """Where a CSV that the CSV builder refused goes wrong, as file:line (it names no line for bad UTF-8 or an
+    unclosed quote): read again with the csv module, which counts lines."""
+    import csv
+    import io
+
+    raw = path.read_bytes()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"{path}:{number}: not valid UTF-8 (byte {error.start} of the line); save the file as UTF-8"
+    reader = csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), strict=True)
+    width, start = None, 1
+    try:
+        for row in reader:
+            if width is None:
+                width = len(row)
+            elif row and len(row) != width:
+                return f"{path}:{start}: {len(row)} fields where the header has {width}"
+            start = reader.line_num + 1
+    except csv.Error as error:
+        return f"{path}:{start}: the row starting here cannot be parsed ({error}); an unclosed quote?"
+    return None
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -175,14 +235,15 @@ def _read_hub(s: Settings, split: str) -> list[Row]:
     import datasets
 
     try:
-        table = datasets.load_dataset(s.dataset, s.dataset_config, split=split,
+        table = datasets.load_dataset(s.dataset, s.dataset_config, split=split, revision=s.dataset_revision,
                                       trust_remote_code=s.trust_remote_code or None)
     except ValueError as error:
         if split != s.dataset_split and "split" in str(error).lower():
             return []
         raise DataError(f"DATASET={s.dataset} split {split!r}: {error}") from None
     except Exception as error:
-        raise DataError(f"DATASET={s.dataset}: cannot load it from the hub or disk: {error}") from None
+        raise unreachable_or(error, f"DATASET={s.dataset}",
+                             DataError(f"DATASET={s.dataset}: cannot load it from the hub or disk: {error}")) from None
     return [Row(f"{s.dataset}[{split}]:{i}", dict(r)) for i, r in enumerate(table)]
 
 
@@ -510,8 +571,14 @@ def fingerprint(s: Settings, tokenizer) -> str:
         for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
             h.update(f.name.encode())
             h.update(hashlib.sha256(f.read_bytes()).digest())
+        training = local_files(s, s.dataset_split)
+        if path.is_dir() and len(training) < sum(1 for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES):
+            # a folder of several splits was read whole before its splits were told apart
+            h.update(f"split files={[str(f.relative_to(path)) for f in training]};".encode())
     else:
         h.update(f"{s.dataset}|{s.dataset_config}".encode())
+        if s.dataset_revision:  # only when set: runs made before it existed still resume
+            h.update(f"revision={s.dataset_revision};".encode())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     h.update(hashlib.sha256(vocab.encode()).digest())
     for name in ("dataset_split", "eval_split", "data_format", "prompt_template", "response_column",
@@ -522,6 +589,68 @@ def fingerprint(s: Settings, tokenizer) -> str:
         if getattr(s, name):
             h.update(f"{name}={getattr(s, name)!r};".encode())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What turns a row into tokens; forked workers inherit it (tokenizers and templates do not pickle cheaply)."""
+
+    settings: Settings
+    tokenizer: object
+    template: str
+    format_name: str
+    data_format: str
+
+
+# Rows a worker takes at a time: enough that sending back the tokens costs little beside making them.
+CHUNK_ROWS = 256
+PARALLEL_FROM_ROWS = 2048  # below this, starting the workers costs more than it saves
+_work: Work | None = None  # the forked workers' copy
+
+
+def render_and_tokenize(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+    """(conversation, input ids, labels) of every good row in order, the bad rows skipped (when SKIP_BAD_ROWS), and
+    the end-of-turn token. Runs on every CPU core this process may use, in forked workers: rendering a chat template
+    and tokenizing is Python work per row, one core's worth in one process. A bad row stops it naming file:line
+    (the first in file order), as in one process."""
+    global _work
+    chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    if len(rows) < PARALLEL_FROM_ROWS or workers < 2:
+        results = [_chunk(work, chunk) for chunk in chunks]
+    else:
+        _work = work
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                results = list(pool.imap(_chunk_in_worker, chunks))
+        finally:
+            _work = None
+    done = [item for chunk_done, _, _ in results for item in chunk_done]
+    skipped = [text for _, chunk_skipped, _ in results for text in chunk_skipped]
+    eot = next((e for _, _, e in results if e is not None), None)
+    return done, skipped, eot
+
+
+def _chunk_in_worker(rows: list[Row]):
+    return _chunk(_work, rows)
+
+
+def _chunk(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+    s, tokenizer = work.settings, work.tokenizer
+    done, skipped, eot = [], [], None
+    for row in rows:
+        try:
+            chat = to_messages(row, work.data_format, s)
+            segments = render_row(row, chat, tokenizer, work.template, work.format_name, s)
+        except DataError as error:
+            if not s.skip_bad_rows:
+                raise DataError(f"{error} (set SKIP_BAD_ROWS=true to skip such rows)") from None
+            skipped.append(str(error))
+            continue
+        if eot is None:
+            eot = end_of_turn_id(segments, tokenizer)
+        done.append((chat, *tokenize(segments, tokenizer)))
+    return done, skipped, eot
 
 
 def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
@@ -536,44 +665,27 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         raise DataError(f"DATASET={s.dataset}: split {s.dataset_split!r} has no rows")
     data_format = s.data_format if s.data_format != "auto" else detect_format(set(train_rows[0].record))
 
-    skipped: list[str] = []
-
-    def convert(rows):
-        """(conversation, rendered segments) of each good row; a bad row stops the job, or is skipped and counted."""
-        out = []
-        for row in rows:
-            try:
-                chat = to_messages(row, data_format, s)
-                out.append((chat, render_row(row, chat, tokenizer, template, format_name, s)))
-            except DataError as error:
-                if not s.skip_bad_rows:
-                    raise DataError(f"{error} (set SKIP_BAD_ROWS=true to skip such rows)") from None
-                skipped.append(str(error))
-        return out
-
-    train_chats, eval_chats = convert(train_rows), convert(eval_rows)
-    if not train_chats:
+    work = Work(s, tokenizer, template, format_name, data_format)
+    train_done, train_skipped, eot = render_and_tokenize(work, train_rows)
+    eval_done, eval_skipped, _ = render_and_tokenize(work, eval_rows)
+    skipped = train_skipped + eval_skipped
+    if not train_done:
         raise DataError(f"every one of the {len(train_rows)} training rows is bad (SKIP_BAD_ROWS=true skipped them "
                         f"all); the first: {skipped[0]}")
-    if not eval_chats and s.eval_fraction > 0 and len(train_chats) > 1:
-        order = list(range(len(train_chats)))
+    if not eval_done and s.eval_fraction > 0 and len(train_done) > 1:
+        order = list(range(len(train_done)))
         random.Random(s.seed).shuffle(order)
         cut = max(1, round(len(order) * s.eval_fraction))
-        eval_chats = [train_chats[i] for i in order[:cut]]
-        train_chats = [train_chats[i] for i in sorted(order[cut:])]
-    eval_chats = eval_chats[: s.max_eval_samples]
+        eval_done = [train_done[i] for i in order[:cut]]
+        train_done = [train_done[i] for i in sorted(order[cut:])]
+    eval_done = eval_done[: s.max_eval_samples]
 
     counts = {"truncated": 0, "dropped_no_answer_left": 0, "labelled": 0, "tokens": 0}
     lengths: list[int] = []
-    eot = None
 
-    def encode(chats):
-        nonlocal eot
+    def encode(done):
         columns = {"input_ids": [], "labels": []}
-        for _, segments in chats:
-            if eot is None:
-                eot = end_of_turn_id(segments, tokenizer)
-            ids, labels = tokenize(segments, tokenizer)
+        for _, ids, labels in done:
             lengths.append(len(ids))
             if len(ids) > s.max_length:
                 counts["truncated"] += 1
@@ -587,7 +699,7 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
             columns["labels"].append(labels)
         return datasets.Dataset.from_dict(columns)
 
-    train, evaluation = encode(train_chats), encode(eval_chats) if eval_chats else None
+    train, evaluation = encode(train_done), encode(eval_done) if eval_done else None
     if len(train) == 0:
         raise DataError(f"MAX_LENGTH={s.max_length}: every training row is longer than that before its answer "
                         f"starts (longest row {max(lengths)} tokens); raise MAX_LENGTH")
@@ -613,7 +725,7 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         "train_tokens": sum(len(x) for x in train["input_ids"]),
     }
     # the prompt test (evaluate, merge) renders prompts without tools=, so it takes plain conversations only
-    plain = [chat for chat, _ in eval_chats if isinstance(chat, Chat) and not chat.uses_tools()]
+    plain = [chat for chat, _, _ in eval_done if isinstance(chat, Chat) and not chat.uses_tools()]
     samples = [{"messages": chat.messages[:-1], "reference": chat.messages[-1]["content"]}
                for chat in plain[: s.sample_prompts]]
     return Prepared(train, evaluation, template, eot, samples, stats)

@@ -12,7 +12,7 @@ EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 EXIT_VERIFY_FAILED = 4
-EXIT_PUSH_FAILED = 5
+EXIT_HUB_UNREACHABLE = 5
 EXIT_OUT_OF_MEMORY = 6
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, run again to resume
 
@@ -23,7 +23,8 @@ EXIT_CODES = {
                     "file:row or path; never retried",
     EXIT_TRAINING_FAILED: "training failed (e.g. loss became NaN); checkpoints kept",
     EXIT_VERIFY_FAILED: "the merged model does not match the adapter; nothing was pushed",
-    EXIT_PUSH_FAILED: "push to the Hub failed after retries; the merged model is on disk, rerun to push",
+    EXIT_HUB_UNREACHABLE: "the Hub could not be reached after retries (the push, or downloading the model or "
+                          "data); what is done stays on disk, rerun to go on",
     EXIT_OUT_OF_MEMORY: "out of GPU memory; the message names the stage and what to lower (MICRO_BATCH_SIZE, "
                         "MAX_LENGTH; MERGE_DEVICE=cpu for the merge); never retried",
     EXIT_PREEMPTED: "stopped by a signal after writing a checkpoint; rerun (requeue) to resume",
@@ -63,7 +64,12 @@ class VerifyFailed(JobError):
 
 
 class PushFailed(JobError):
-    exit_code = EXIT_PUSH_FAILED
+    exit_code = EXIT_HUB_UNREACHABLE
+
+
+class HubUnreachable(JobError):
+    """A download (base model, dataset) met a connection error, a timeout, 429 or 5xx after the client's retries."""
+    exit_code = EXIT_HUB_UNREACHABLE
 
 
 class Preempted(JobError):
@@ -96,3 +102,48 @@ def cuda_out_of_memory(error: BaseException) -> BaseException | None:
             return error
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
+
+
+# Hub answers worth another try: a request the Hub may not have finished or that raced another (408, 409 on a
+# commit whose answer was lost to a timeout, 412, 423, 425), rate limits (429) and every 5xx.
+RETRY_STATUS = {408, 409, 412, 423, 425, 429}
+
+
+def transient_hub_error(error: BaseException) -> tuple[bool, float | None]:
+    """(transient?, seconds the server asked to wait) for an error from a Hub request, or from a library that wraps
+    one (datasets and transformers raise their own, with the client's error in the chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        transient, wait = _transient(error)
+        if transient:
+            return transient, wait
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False, None
+
+
+def _transient(error: BaseException) -> tuple[bool, float | None]:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    hub_error = sys.modules.get("huggingface_hub.errors")
+    if (hub_error is not None and isinstance(error, hub_error.HfHubHTTPError)) or status is not None:
+        if status is None:
+            return True, None  # no response at all: a connection problem
+        wait = None
+        try:
+            wait = float(response.headers.get("Retry-After"))
+        except (TypeError, ValueError):
+            pass
+        return status in RETRY_STATUS or status >= 500, wait
+    httpx = sys.modules.get("httpx2") or sys.modules.get("httpx")
+    if httpx is not None and isinstance(error, httpx.TransportError):  # timeouts, refused or reset connections
+        return True, None
+    return isinstance(error, (ConnectionError, TimeoutError)), None
+
+
+def unreachable_or(error: BaseException, what: str, otherwise: JobError) -> JobError:
+    """HubUnreachable for `what` when `error` is a transient Hub failure (a rerun may succeed), else `otherwise`."""
+    if not transient_hub_error(error)[0]:
+        return otherwise
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return HubUnreachable(f"{what}: the Hub could not be reached ({first}); nothing is lost, rerun when it answers")

@@ -12,7 +12,7 @@ import torch
 
 from job.config import BUILTIN_MODEL, Settings
 from job.data import BUNDLED_DATASET
-from job.errors import ConfigError
+from job.errors import ConfigError, unreachable_or
 
 TINY_VERSION = "v2"  # bump when the tiny model's recipe changes, so caches rebuild
 
@@ -91,7 +91,8 @@ def load_tokenizer(s: Settings, path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     except OSError as error:
-        raise ConfigError(f"BASE_MODEL={s.base_model}: cannot load its tokenizer: {error}") from None
+        raise unreachable_or(error, f"BASE_MODEL={s.base_model}",
+                             ConfigError(f"BASE_MODEL={s.base_model}: cannot load its tokenizer: {error}")) from None
     if tokenizer.pad_token is None:
         # Labels come from our loss mask, not from pad ids, so reusing a token cannot hide EOS.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

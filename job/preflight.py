@@ -14,8 +14,8 @@ import uuid
 
 from job import checkpoint, data, longctx, model, publish, speed
 from job.checkpoint import Layout
-from job.config import Settings, batch_layout
-from job.errors import ConfigError
+from job.config import Settings, batch_layout, trainer_args
+from job.errors import ConfigError, unreachable_or
 
 QUANTIZED_BYTES = {"nf4": 0.56, "int8": 1.06, "none": 2.0}  # per parameter, with quantization constants
 
@@ -30,12 +30,56 @@ def check_output_dir(layout: Layout) -> None:
         raise ConfigError(f"OUTPUT_DIR={layout.root}: not writable ({error.strerror})") from None
 
 
+def check_packages(s: Settings) -> None:
+    """The packages that REPORT_TO and STRATEGY need, before a model is loaded (they would fail at the trainer)."""
+    import importlib.util
+
+    needs = {f"REPORT_TO={tracker}": tracker for tracker in ("wandb", "mlflow")
+             if tracker in {t.strip() for t in s.report_to.split(",")}}
+    if s.strategy in ("zero2", "zero3"):
+        needs[f"STRATEGY={s.strategy}"] = "deepspeed"
+    missing = [f"{setting} needs the Python package {package}, which is not installed (pip install {package})"
+               for setting, package in needs.items() if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ConfigError("; ".join(missing))
+
+
+def check_trainer_args(s: Settings) -> None:
+    """TRAINER_ARGS against SFTConfig itself: names it has, values its own checks accept."""
+    import difflib
+    import tempfile
+
+    import torch
+    from trl import SFTConfig
+
+    extra = trainer_args(s)
+    if not extra:
+        return
+    known = [f.name for f in dataclasses.fields(SFTConfig)]
+    unknown = []
+    for key in extra:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            unknown.append(f"{key}{f' (did you mean {close[0]}?)' if close else ''}")
+    if unknown:
+        raise ConfigError(f"TRAINER_ARGS: not arguments of TRL's SFTConfig: {', '.join(unknown)}")
+    cpu = not torch.cuda.is_available()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            SFTConfig(output_dir=scratch, use_cpu=cpu, bf16=not cpu and torch.cuda.is_bf16_supported(),
+                      report_to="none", **extra)
+    except (ValueError, TypeError, ImportError) as error:
+        raise ConfigError(f"TRAINER_ARGS: SFTConfig refuses {extra}: {error}") from None
+
+
 def preflight(s: Settings, world_size: int = 1) -> dict:
     from accelerate import PartialState, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     layout = Layout(s.output)
     check_output_dir(layout)
+    check_packages(s)
+    check_trainer_args(s)
     finished = checkpoint.is_complete(layout.adapter)  # trained already: this layout trains nothing
     # a GLOBAL_BATCH_SIZE that does not divide into this layout is refused before anything loads
     batch = None if finished else batch_layout(s, world_size)
@@ -48,7 +92,8 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}") from None
+        raise unreachable_or(error, f"BASE_MODEL={s.base_model}",
+                             ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}")) from None
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks

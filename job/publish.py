@@ -32,13 +32,10 @@ import yaml
 from job import checkpoint
 from job.checkpoint import COMPLETE, Layout
 from job.config import BUILTIN_DATASET, BUILTIN_MODEL, HUB_ID, Settings
-from job.errors import ConfigError, PushFailed
+from job.errors import ConfigError, PushFailed, transient_hub_error
 
 log = logging.getLogger("job.publish")
 
-# Retried besides every 5xx: 408 and 429; 409, 412 and 423, where another commit (perhaps our own,
-# whose answer was lost to a timeout) moved the branch or holds the repo: the next attempt looks again.
-RETRY_STATUS = {408, 409, 412, 423, 425, 429}
 # The token is wrong (401) or may not write there (403): bad settings, exit 2, never retried.
 AUTH_STATUS = {401, 403}
 # The client's shared HTTP client has no timeouts at all, so a stalled connection would hang the job;
@@ -263,7 +260,7 @@ def _retry(s: Settings, what: str, call):
             status = getattr(getattr(error, "response", None), "status_code", None)
             if status in AUTH_STATUS:
                 raise _auth_error(s, what, status) from None
-            transient, wait_hint = _classify(error)
+            transient, wait_hint = transient_hub_error(error)
             text = _describe(error)
             if not transient:
                 raise PushFailed(f"push to {s.hub_model_id} failed while {what}: {text} (not retried). The merged "
@@ -277,31 +274,6 @@ def _retry(s: Settings, what: str, call):
             attempt += 1
             log.warning("%s failed (%s); retry %d of %d in %.1f s", what, text, attempt, s.push_retries, delay)
             time.sleep(delay)
-
-
-def _classify(error: Exception) -> tuple[bool, float | None]:
-    """(transient?, seconds the server asked us to wait)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None)
-    if isinstance(error, HfHubHTTPError) or status is not None:
-        if status is None:
-            return True, None  # no response at all: a connection problem
-        wait = None
-        try:
-            wait = float(response.headers.get("Retry-After"))
-        except (TypeError, ValueError):
-            pass
-        return status in RETRY_STATUS or status >= 500, wait
-    try:
-        import httpx2
-
-        if isinstance(error, httpx2.TransportError):  # timeouts, refused or reset connections
-            return True, None
-    except ImportError:
-        pass
-    return isinstance(error, (ConnectionError, TimeoutError)), None
 
 
 def _describe(error: Exception) -> str:

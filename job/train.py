@@ -22,8 +22,8 @@ from trl import SFTConfig, SFTTrainer
 
 from job import checkpoint, data, longctx, model, speed
 from job.checkpoint import Layout
-from job.config import SHARDED, Settings, batch_layout
-from job.errors import Preempted, TrainingFailed
+from job.config import SHARDED, Settings, batch_layout, trainer_args
+from job.errors import ConfigError, Preempted, TrainingFailed
 
 log = logging.getLogger("job.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Kubernetes eviction / spot reclaim, Slurm's --signal
@@ -141,8 +141,8 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
 
     The one place this is assembled: `train` runs it, `job bench` and the long-context trial time it, so what is
     measured is what users train with. `sft_arguments` are the run's own SFTConfig fields (steps, schedule,
-    saving); the levers add micro batch, accumulation, recomputation and data loading."""
-    args = SFTConfig(
+    saving); the levers add micro batch, accumulation, recomputation and data loading; TRAINER_ARGS the rest."""
+    ours = dict(
         max_length=s.max_length,
         packing=s.packing,
         padding_free=s.packing,
@@ -153,6 +153,11 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
         **speed.sft_arguments(levers),
         **sft_arguments,
     )
+    extra = trainer_args(s)
+    clash = sorted(extra.keys() & ours.keys())
+    if clash:  # config.OWNED_ARGUMENTS refuses these in validation; this keeps the two in step
+        raise ConfigError(f"TRAINER_ARGS: {', '.join(clash)} set by the job itself")
+    args = SFTConfig(**ours, **extra)
     # after the SFTConfig: under ZeRO-3 it makes from_pretrained shard the weights as they load
     base = model.load_model(s, path, device_map=speed.device_map(levers, config, device_map, s.trust_remote_code),
                             attn_implementation=levers.attn_implementation)

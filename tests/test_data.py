@@ -1,6 +1,7 @@
 """Rows to conversations to tokens: formats, loss masks, end-of-turn, bad rows named by file:line."""
 
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -187,3 +188,88 @@ def test_rendering_round_trips_any_text_and_masks_only_the_answer(tiny_tokenizer
     assert tiny_tokenizer.decode(ids) == "".join(text for text, _ in segments)
     trained = tiny_tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
     assert trained == answer + "<|im_end|>\n"
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_a_local_directory_of_splits_trains_on_one_and_evaluates_on_another(tmp_path, tiny_tokenizer):
+    """EVAL_SPLIT on a local dataset was silently ignored, and a folder's test file was trained on."""
+    folder = tmp_path / "data"
+    _write(folder / "train.jsonl", [{"prompt": f"q{i}", "completion": f"train answer {i}"} for i in range(8)])
+    _write(folder / "test-00000-of-00001.jsonl", [{"prompt": "q", "completion": "held-out answer"}])
+    s = config.load({}, environ={"DATASET": str(folder), "BASE_MODEL": "x/y", "EVAL_SPLIT": "test",
+                                 "SAMPLE_PROMPTS": "1"})
+    prepared = data.prepare(s, tiny_tokenizer, "llama")
+    assert all("train answer" in a for a in answers(prepared, tiny_tokenizer))
+    assert len(prepared.train) == 8 and "held-out answer" in answers(prepared, tiny_tokenizer, "eval")[0]
+    with pytest.raises(DataError, match="EVAL_SPLIT=validation: .* has no files for it; its splits: test, train"):
+        data.prepare(config.load({}, environ={"DATASET": str(folder), "BASE_MODEL": "x/y",
+                                              "EVAL_SPLIT": "validation"}), tiny_tokenizer, "llama")
+
+
+def test_eval_split_on_a_single_file_is_refused_not_ignored(tmp_path, tiny_tokenizer):
+    s = make(tmp_path, [{"prompt": "q", "completion": "a"}] * 4, EVAL_SPLIT="test")
+    with pytest.raises(DataError, match="EVAL_SPLIT=test: .* holds one split .* unset EVAL_SPLIT"):
+        data.prepare(s, tiny_tokenizer, "llama")
+
+
+def test_a_folder_without_split_names_is_one_split_and_one_with_them_leaves_other_files_out(tmp_path):
+    plain = tmp_path / "plain"
+    _write(plain / "a.jsonl", [{"prompt": "q", "completion": "a"}])
+    _write(plain / "more" / "b.jsonl", [{"prompt": "q", "completion": "b"}])
+    s = config.load({}, environ={"DATASET": str(plain), "BASE_MODEL": "x/y"})
+    assert [f.name for f in data.local_files(s, "train")] == ["a.jsonl", "b.jsonl"]
+    _write(plain / "train" / "c.jsonl", [{"prompt": "q", "completion": "c"}])
+    assert [f.name for f in data.local_files(s, "train")] == ["c.jsonl"]
+
+
+def test_dataset_revision_reaches_the_hub_loader_and_the_fingerprint(monkeypatch, tiny_tokenizer):
+    import datasets
+
+    asked = {}
+
+    def load_dataset(name, config_name, split, revision=None, **kw):
+        asked.update(name=name, split=split, revision=revision)
+        return [{"prompt": "q", "completion": "a"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)  # no network here: the call is what is checked
+    pinned = config.load({}, environ={"DATASET": "org/data", "BASE_MODEL": "x/y", "DATASET_REVISION": "v1.2"})
+    assert data.read_rows(pinned, "train")[0].record == {"prompt": "q", "completion": "a"}
+    assert asked == {"name": "org/data", "split": "train", "revision": "v1.2"}
+    unpinned = config.load({}, environ={"DATASET": "org/data", "BASE_MODEL": "x/y"})
+    assert data.fingerprint(pinned, tiny_tokenizer) != data.fingerprint(unpinned, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'prompt,completion\nq1,a1\nq2,"a2 never closed\nq3,a3\n', ":3: the row starting here cannot be parsed"),
+    (b"prompt,completion\nq1,a1\nq2,\xff\xfe broken\n", ":3: not valid UTF-8"),
+    (b"prompt,completion\nq1,a1\nq2,a2,extra,more\n", ":3: 4 fields where the header has 2"),
+])
+def test_a_broken_csv_is_named_by_file_and_line(tmp_path, tiny_tokenizer, content, message):
+    path = tmp_path / "d.csv"
+    path.write_bytes(content)
+    s = config.load({}, environ={"DATASET": str(path), "BASE_MODEL": "x/y"})
+    with pytest.raises(DataError, match=f"d.csv{message}"):
+        data.prepare(s, tiny_tokenizer, "llama")
+
+
+def test_tokenizing_in_workers_gives_what_one_process_gives_and_names_the_first_bad_row(tmp_path, tiny_tokenizer,
+                                                                                        monkeypatch):
+    rows = [{"prompt": f"질문 {i}: " + "word " * (i % 40), "completion": f"answer {i}"} for i in range(3000)]
+    s = make(tmp_path, rows, EVAL_FRACTION="0.1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # three workers even on a smaller machine
+    parallel = data.prepare(s, tiny_tokenizer, "llama")
+    monkeypatch.setattr(data, "PARALLEL_FROM_ROWS", 10**9)
+    serial = data.prepare(s, tiny_tokenizer, "llama")
+    assert parallel.train["input_ids"] == serial.train["input_ids"] and parallel.stats == serial.stats
+    assert parallel.eval["labels"] == serial.eval["labels"] and parallel.end_of_turn_id == serial.end_of_turn_id
+
+    monkeypatch.setattr(data, "PARALLEL_FROM_ROWS", 2048)
+    rows[2900] = rows[2950] = {"prompt": "q", "completion": "  "}
+    with pytest.raises(DataError, match=r"d.jsonl:2901: .*SKIP_BAD_ROWS"):
+        data.prepare(make(tmp_path, rows), tiny_tokenizer, "llama")
+    skipping = data.prepare(make(tmp_path, rows, SKIP_BAD_ROWS="true"), tiny_tokenizer, "llama")
+    assert skipping.stats["skipped_bad_rows"] == 2 and "d.jsonl:2901" in skipping.stats["skipped_examples"][0]

@@ -4,6 +4,7 @@ with injected failures; the token never leaves the client's Authorization header
 from __future__ import annotations
 
 import json
+import socket
 import logging
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 
 from job import checkpoint, cli, config
 from job.checkpoint import Layout
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PUSH_FAILED, ConfigError, PushFailed
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_HUB_UNREACHABLE, ConfigError, PushFailed
 from job.publish import push
 from tests.hubserver import patch_hf_client, running_hub
 from tests.jobtools import SHARD, TRAINED, copy_output, read_summary, run_job, settings_for
@@ -157,7 +158,7 @@ def test_persistent_failures_raise_push_failed_and_keep_the_merged_model(hub, ou
     hub.fail_next(3, 500, path_regex=r"^POST /api/models/.*/commit/")
     with pytest.raises(PushFailed) as failed:
         push(s)
-    assert failed.value.exit_code == EXIT_PUSH_FAILED == 5
+    assert failed.value.exit_code == EXIT_HUB_UNREACHABLE == 5
     assert "after 3 attempts" in str(failed.value) and "rerun to push" in str(failed.value)
     assert hub.counts["commit"] == 3 and len(hub.commits(REPO)) == 1
     assert checkpoint.is_complete(layout.merged) and not (layout.metrics / "push.json").exists()
@@ -267,7 +268,7 @@ def test_job_run_push_fails_then_rerun_pushes_without_retraining_then_does_nothi
 
         hub.fail_next(3, 500, path_regex=r"^POST /api/models/.*/commit/")  # PUSH_RETRIES=2: every attempt fails
         first = run()
-        assert first.returncode == EXIT_PUSH_FAILED, first.stderr[-3000:]
+        assert first.returncode == EXIT_HUB_UNREACHABLE, first.stderr[-3000:]
         assert checkpoint.is_complete(layout.merged) and "merging on cpu in bfloat16" in first.stderr
         summary = read_summary(output)
         assert summary["status"] == "failed" and summary["exit_code"] == 5 and summary["push"] is None
@@ -297,3 +298,34 @@ def test_job_run_push_fails_then_rerun_pushes_without_retraining_then_does_nothi
         for record in hub.requests:  # the token only ever travels in Authorization headers
             assert TOKEN not in record.path
     assert_no_token(*outputs, root=output)
+
+
+@pytest.mark.slow  # datasets retries the connection for ~25 s before it gives up
+def test_a_hub_outage_while_downloading_the_data_exits_5_not_2(tmp_path, hf_home):
+    """A dataset the Hub cannot serve right now is not bad settings: exit 5 (rerun), where it was 2 (never retry)."""
+    from tests.jobtools import run_job
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once the socket is closed
+    result = run_job(hf_home, "preflight", OUTPUT_DIR=tmp_path / "out", DATASET="org/some-dataset",
+                     HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert result.returncode == EXIT_HUB_UNREACHABLE, result.stderr[-3000:]
+    assert "DATASET=org/some-dataset: the Hub could not be reached" in result.stderr
+
+
+@pytest.mark.parametrize("status, transient", [(503, True), (429, True), (404, False), (401, False)])
+def test_hub_errors_wrapped_by_a_library_are_classified_by_their_cause(status, transient):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from job.errors import transient_hub_error
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "http://hub/x"))
+    try:
+        try:
+            raise HfHubHTTPError(f"{status}", response=response)
+        except HfHubHTTPError as cause:
+            raise OSError("could not load the config") from cause  # as transformers wraps it
+    except OSError as wrapped:
+        assert transient_hub_error(wrapped)[0] is transient

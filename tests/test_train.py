@@ -155,3 +155,9 @@ def test_a_nan_between_log_lines_stops_the_run_at_the_next_log(tiny_model, tiny_
         trainer.train()
     assert trainer.state.global_step == 4  # the first read-back after the NaN step, not after all 8
     assert not [h for h in trainer.state.log_history if "loss" in h]  # the NaN was never logged
+
+
+def test_trainer_args_reach_the_trainer(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path,
+                            overrides={"trainer_args": '{"weight_decay": 0.05, "max_grad_norm": 0.3}'})
+    assert (trainer.args.weight_decay, trainer.args.max_grad_norm) == (0.05, 0.3)
