@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -392,6 +393,11 @@ def setup_logging(layout: Layout) -> None:
 def main(argv=None) -> None:
     use_token_file_everywhere()
     code = run_command(argv)
+    # The exit code is decided. A stop signal from here on (srun stopping this node because another one exited
+    # first) must not turn it into death by that signal while the interpreter shuts down: a scheduler would read
+    # another outcome (train.sbatch requeues only when every node exited 75).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     # the launchers between a training process and `job run` report any failure as 1, whatever failed
     # and when (even while reading the settings): the process leaves its own code for `job run`
     launch.report_exit_code(code)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -112,3 +114,14 @@ def test_a_global_batch_size_the_layout_cannot_make_is_refused_before_anything_l
                           "micro-step: run on 1, 3 process(es) in all") in text
     # logs/ appears only where this process has not set up logging before (an earlier in-process test may have)
     assert {p.name for p in output.iterdir()} - {"logs"} == {"checkpoints", "precious.txt"}
+
+
+@pytest.mark.parametrize("code", [0, 2, 75])
+def test_a_stop_signal_after_the_exit_code_is_decided_does_not_change_it(code):
+    """On two Slurm nodes, the node that exits first makes srun SIGTERM the other while it is already exiting 75:
+    it died by the signal (143), and the requeue rule read a failure."""
+    probe = ("import atexit, os, signal\nfrom job import cli\n"  # the signal comes while the interpreter shuts down
+             f"cli.run_command = lambda argv: {code}\n"
+             "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\ncli.main([])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr[-2000:]
