@@ -396,12 +396,17 @@ def main(argv=None) -> None:
     # The exit code is decided. A stop signal from here on (srun stopping this node because another one exited
     # first) must not turn it into death by that signal while the interpreter shuts down: a scheduler would read
     # another outcome (train.sbatch requeues only when every node exited 75).
+    # A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in processes started later.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _exiting)
     # the launchers between a training process and `job run` report any failure as 1, whatever failed
     # and when (even while reading the settings): the process leaves its own code for `job run`
     launch.report_exit_code(code)
     sys.exit(code)
+
+
+def _exiting(signum, frame) -> None:
+    log.info("received %s while exiting; the exit code stands", signal.Signals(signum).name)
 
 
 def use_token_file_everywhere() -> None:

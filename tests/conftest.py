@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.jobtools import TRAINED, copy_output, run_job, settings_for
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers():
+    """A test that runs `job.cli.main` in this process leaves its exit-time handlers behind; the next test starts
+    with the ones it found."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")
