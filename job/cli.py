@@ -174,7 +174,8 @@ def run(s):
     where = launch.resolve(s)
     if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
         log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
-        raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
+        with launch.stop_on_signals():
+            raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
     # machine 0's lock stands for every machine (they share OUTPUT_DIR); a stop signal while waiting for it exits 75
     with launch.stop_on_signals() as signals, owner(s) as lock:
         _run_stages(s, layout, where, lock, signals)
@@ -396,17 +397,12 @@ def main(argv=None) -> None:
     # The exit code is decided. A stop signal from here on (srun stopping this node because another one exited
     # first) must not turn it into death by that signal while the interpreter shuts down: a scheduler would read
     # another outcome (train.sbatch requeues only when every node exited 75).
-    # A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in processes started later.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _exiting)
+        signal.signal(sig, launch.exiting)
     # the launchers between a training process and `job run` report any failure as 1, whatever failed
     # and when (even while reading the settings): the process leaves its own code for `job run`
     launch.report_exit_code(code)
     sys.exit(code)
-
-
-def _exiting(signum, frame) -> None:
-    log.info("received %s while exiting; the exit code stands", signal.Signals(signum).name)
 
 
 def use_token_file_everywhere() -> None:

@@ -504,9 +504,20 @@ def stop_on_signals():
     previous = {sig: signal.signal(sig, signals.preempt) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield signals
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    except BaseException:
+        # `job run` ends with this exception, its exit code decided. A stop signal from here to the exit (srun
+        # stopping this machine because another one exited first, 75 too) must not make it die by that signal.
+        for sig in previous:
+            signal.signal(sig, exiting)
+        raise
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def exiting(signum, frame) -> None:
+    """The stop-signal handler once the exit code is decided: the signal changes nothing. A handler, not SIG_IGN:
+    an ignored signal would stay ignored in processes started later."""
+    log.info("received %s while exiting; the exit code stands", signal.Signals(signum).name)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None

@@ -290,6 +290,17 @@ def test_a_stop_signal_a_library_swallows_still_stops_the_next_stage():
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
 
 
+def test_once_job_run_ends_with_an_error_a_stop_signal_no_longer_kills_it(capfd):
+    """Two Slurm nodes exit 75 at once; the first to exit makes srun SIGTERM the other, which is still on its way
+    out: it died by the signal (143), and the requeue rule read a failure."""
+    with pytest.raises(SystemExit):
+        with launch.stop_on_signals():
+            raise SystemExit(errors.EXIT_PREEMPTED)
+    os.kill(os.getpid(), signal.SIGTERM)  # would end the test run with the default handler back in place
+    time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) is launch.exiting
+
+
 def test_training_process_that_fails_before_training_reports_its_exit_code(monkeypatch, capfd):
     """A training process stopped by a bad setting while it reads its settings exits 2; the launcher reports
     that as 1, `job run` still returns 2 (bad input: never retried)."""
