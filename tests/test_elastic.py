@@ -112,6 +112,7 @@ def test_stopped_on_two_processes_resumes_on_one_with_the_same_rows(tmp_path, hf
     assert json.loads((final / checkpoint.BATCH).read_text())["layouts"] == layouts
 
 
+@pytest.mark.nightly  # the mirror of the 2 -> 1 test above, which make test runs
 def test_stopped_on_one_process_resumes_on_two_with_the_same_rows(tmp_path, hf_home, reference, monkeypatch):
     rows = log_rows(tmp_path, monkeypatch)
     output = tmp_path / "out"

@@ -47,6 +47,7 @@ def start(hf_home, command, output, log_path, **extra):
     return start_job(hf_home, command, log_path, OUTPUT_DIR=output, **{**SETTINGS, **extra})
 
 
+@pytest.mark.nightly  # minutes; test_ownership and test_sealing show a kill -9 and a damaged checkpoint each once
 def test_kill_9_five_times_then_finish_like_an_uninterrupted_run(tmp_path, hf_home, reference):
     seed = int(os.environ.get("KILL_SEED", random.randrange(10**6)))
     print(f"KILL_SEED={seed}")  # rerun with this to reproduce the kill points

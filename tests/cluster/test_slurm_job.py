@@ -90,6 +90,7 @@ def _check_finished(output: pathlib.Path, max_steps: int) -> dict:
     return train
 
 
+@pytest.mark.nightly  # the two-node test below shows the requeue and resume; this one an administrator's requeue
 def test_one_node_two_processes_requeued_mid_run_resumes(cluster, tmp_path, hf_home, tiny_model):
     output = tmp_path / "out"
     job = _submit(cluster, tmp_path, 1, {"OUTPUT_DIR": output, "HF_HOME": hf_home, "NUM_PROCESSES": 2, **TINY})
@@ -141,6 +142,7 @@ def test_first_host_matches_scontrol(cluster):
         assert list(expand_hostlist(nodelist)) == expected, nodelist
 
 
+@pytest.mark.nightly  # tests/test_elastic.py shows the same resume on processes, in make test
 def test_a_two_node_run_cancelled_resumes_on_one_node_with_the_same_global_batch(cluster, tmp_path, hf_home,
                                                                                   tiny_model):
     """A job that comes back on fewer nodes (a node drained; `sbatch -N 1-2` given one): GLOBAL_BATCH_SIZE keeps the

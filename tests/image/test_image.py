@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.nightly]
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_DIR = REPO / "image"
@@ -35,9 +35,9 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ loss=")
 EXIT_PREEMPTED = 75
 
 if os.geteuid() != 0:
-    pytestmark = [pytestmark, pytest.mark.skip(reason="image build needs root (buildah chroot, vfs)")]
+    pytestmark = [*pytestmark, pytest.mark.skip(reason="image build needs root (buildah chroot, vfs)")]
 elif not WHEEL.is_file():
-    pytestmark = [pytestmark, pytest.mark.skip(reason=f"CPU torch wheel missing: {WHEEL}")]
+    pytestmark = [*pytestmark, pytest.mark.skip(reason=f"CPU torch wheel missing: {WHEEL}")]
 
 
 def _sh(cmd: list[str], timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
