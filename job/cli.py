@@ -55,11 +55,31 @@ def with_settings(command):
     return wrapper
 
 
+class SettingsCommand(click.Command):
+    """A command whose --help lists the settings under their groups (inputs, model, training, ...)."""
+
+    def format_options(self, ctx, formatter):
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                field = config.FIELDS.get(param.name)
+                sections.setdefault(field.metadata["group"].capitalize() if field else "Options", []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-             epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in errors.EXIT_CODES.items()))
+             epilog="Settings: `job run --help` lists every one by group; each is also an environment variable "
+                    "(upper case) and a key of the CONFIG_FILE YAML. Exit codes: "
+                    + "; ".join(f"{k} {v}" for k, v in errors.EXIT_CODES.items()))
 @click.version_option(job.__version__, prog_name="job")
 def cli():
     """Fine-tune a causal LM with QLoRA/LoRA, merge it, verify it and push it to the Hub."""
+
+
+cli.command_class = SettingsCommand
 
 
 @cli.command()

@@ -204,6 +204,15 @@ def test_help_shows_every_variable_and_default():
     assert "default nf4" in text
 
 
+def test_help_lists_the_settings_by_group_and_the_top_level_help_says_where():
+    text = CliRunner().invoke(cli, ["run", "--help"], terminal_width=200).output
+    headings = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ")]
+    assert {"Inputs", "Model", "Training", "Speed", "Monitoring", "Publish", "Launch"} <= set(headings), headings
+    inputs = text[text.index("\nInputs:"):text.index("\nModel:")]
+    assert "--dataset-revision" in inputs and "--lora-r" not in inputs
+    assert "job run --help" in CliRunner().invoke(cli, ["--help"], terminal_width=200).output
+
+
 def test_readme_table_matches_the_dataclass():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert config.markdown_table() in readme, "README drifted: run `make readme`"
