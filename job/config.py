@@ -116,6 +116,9 @@ class Settings:
     prompt_format: str = setting("auto", "Chat rendering: the tokenizer's own template, or a named one for base "
                                  "models without one; auto picks the tokenizer's, else the model family's.",
                                  choices=("auto", "tokenizer", "mistral", "llama-3", "chatml"), group="inputs")
+    loss_on: str = setting("answers", "Tokens the loss covers: every assistant answer, the last answer of each "
+                           "conversation only, or every token (prompts too).",
+                           choices=("answers", "last_answer", "everything"), group="inputs")
     skip_bad_rows: bool = setting(False, "Skip malformed rows (and report how many) instead of stopping.",
                                   group="inputs")
     output_dir: str = setting("output", "Where everything is written (mounted storage on a cluster).",

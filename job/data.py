@@ -541,6 +541,16 @@ def _check_tools_rendered(chat: Chat, segments: list[tuple[str, bool]], where: s
                         f"{missing[0]}: it does not render tools, so this row cannot be trained as it is")
 
 
+def loss_targets(segments: list[tuple[str, bool]], loss_on: str) -> list[tuple[str, bool]]:
+    """LOSS_ON: the rendered segments the loss covers: every answer as rendered, the last one only, or all."""
+    if loss_on == "everything":
+        return [(text, True) for text, _ in segments]
+    if loss_on == "last_answer":
+        last = max((i for i, (_, trained) in enumerate(segments) if trained), default=None)
+        return [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]
+    return segments
+
+
 def tokenize(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
     input_ids, labels = [], []
     for text, trained in segments:
@@ -588,6 +598,8 @@ def fingerprint(s: Settings, tokenizer) -> str:
     for name in ("column_map", "role_map"):  # only when set: runs made before these settings existed still resume
         if getattr(s, name):
             h.update(f"{name}={getattr(s, name)!r};".encode())
+    if s.loss_on != "answers":
+        h.update(f"loss_on={s.loss_on!r};".encode())
     return h.hexdigest()[:16]
 
 
@@ -649,7 +661,7 @@ def _chunk(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | N
             continue
         if eot is None:
             eot = end_of_turn_id(segments, tokenizer)
-        done.append((chat, *tokenize(segments, tokenizer)))
+        done.append((chat, *tokenize(loss_targets(segments, s.loss_on), tokenizer)))
     return done, skipped, eot
 
 
@@ -704,7 +716,7 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         raise DataError(f"MAX_LENGTH={s.max_length}: every training row is longer than that before its answer "
                         f"starts (longest row {max(lengths)} tokens); raise MAX_LENGTH")
     label_share = counts["labelled"] / max(1, counts["tokens"])
-    if data_format != "text" and label_share >= 1.0:
+    if data_format != "text" and s.loss_on != "everything" and label_share >= 1.0:
         raise DataError("loss mask: every token is labelled, so prompts would be trained on; "
                         "check PROMPT_FORMAT and DATA_FORMAT")
     lengths_sorted = sorted(lengths)

@@ -73,6 +73,20 @@ def test_multi_turn_trains_every_assistant_turn(tmp_path, tiny_tokenizer):
     assert answers(prepared, tiny_tokenizer)[0] == "A1<|im_end|>\nA2<|im_end|>\n"
 
 
+@pytest.mark.parametrize("loss_on, trained", [
+    ("answers", "A1<|im_end|>\nA2<|im_end|>\n"),
+    ("last_answer", "A2<|im_end|>\n"),
+    ("everything", None),  # every token: the whole rendered conversation
+])
+def test_loss_on_picks_the_tokens_the_loss_covers(tmp_path, tiny_tokenizer, loss_on, trained):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}]}
+    prepared = data.prepare(make(tmp_path, [chat] * 3, EVAL_FRACTION="0", LOSS_ON=loss_on), tiny_tokenizer, "llama")
+    whole = tiny_tokenizer.decode(prepared.train[0]["input_ids"])
+    assert answers(prepared, tiny_tokenizer)[0] == (trained or whole)
+    assert (prepared.stats["labelled_token_share"] == 1.0) == (loss_on == "everything")
+
+
 def test_template_format_maps_columns(tmp_path, tiny_tokenizer):
     rows = [{"document": "긴 기사 본문", "summary": "요약"}] * 4
     s = make(tmp_path, rows, DATA_FORMAT="template", PROMPT_TEMPLATE="다음 글을 요약해주세요: {document}",
