@@ -116,6 +116,9 @@ class Settings:
     prompt_format: str = setting("auto", "Chat rendering: the tokenizer's own template, or a named one for base "
                                  "models without one; auto picks the tokenizer's, else the model family's.",
                                  choices=("auto", "tokenizer", "mistral", "llama-3", "chatml"), group="inputs")
+    chat_template_file: str | None = setting(None, "A Jinja chat template file that renders the data (and is saved "
+                                             "with the adapter and the merged model), in place of PROMPT_FORMAT's.",
+                                             group="inputs")
     loss_on: str = setting("answers", "Tokens the loss covers: every assistant answer, the last answer of each "
                            "conversation only, or every token (prompts too).",
                            choices=("answers", "last_answer", "everything"), group="inputs")
@@ -485,6 +488,8 @@ def validate(s: Settings) -> list[str]:
     elif s.prompt_template or s.response_column:
         problems.append("PROMPT_TEMPLATE and RESPONSE_COLUMN only apply with DATA_FORMAT=template "
                         f"(DATA_FORMAT={s.data_format!r})")
+    need(s.chat_template_file is None or s.prompt_format == "auto", "prompt_format",
+         "CHAT_TEMPLATE_FILE sets the template itself: leave PROMPT_FORMAT at auto")
     for name in ("column_map", "role_map"):
         need(getattr(s, name) is None or bool(NAME_PAIRS.fullmatch(getattr(s, name))), name,
              "must be comma-separated name=name pairs, e.g. bot=assistant")

@@ -455,7 +455,10 @@ def check_roles(messages: list[dict], labels: list[str], where: str) -> None:
 # ----------------------------------------------------------------------------- prompt rendering
 
 def prompt_format_name(s: Settings, tokenizer, model_type: str) -> str:
-    """The prompt format that renders the data: "tokenizer" (its own chat template) or a named one."""
+    """The prompt format that renders the data: "file" (CHAT_TEMPLATE_FILE), "tokenizer" (its own chat template) or
+    a named one."""
+    if s.chat_template_file:
+        return "file"
     if s.prompt_format in ("auto", "tokenizer") and tokenizer.chat_template:
         return "tokenizer"
     if s.prompt_format == "tokenizer":
@@ -472,6 +475,11 @@ def chat_template_for(s: Settings, tokenizer, model_type: str) -> str:
     name = prompt_format_name(s, tokenizer, model_type)
     if name == "tokenizer":
         return tokenizer.chat_template
+    if name == "file":
+        try:
+            return Path(s.chat_template_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"CHAT_TEMPLATE_FILE={s.chat_template_file}: cannot be read ({error})") from None
     fmt = PROMPT_FORMATS[name]
     eot = fmt["eot"] if fmt["eot"] in tokenizer.get_vocab() else tokenizer.eos_token
     return fmt["template"].replace("{eot}", eot)
@@ -511,7 +519,7 @@ def render_row(row: Row, chat: Chat | str, tokenizer, template: str, format_name
 
     if isinstance(chat, str):
         return render(chat, tokenizer, template)
-    if chat.uses_tools() and format_name != "tokenizer":
+    if chat.uses_tools() and format_name not in ("tokenizer", "file"):
         chosen = format_name if s.prompt_format == format_name else f"{s.prompt_format} (here {format_name})"
         raise DataError(f"{row.where}: the row has tools, tool calls or tool results, which PROMPT_FORMAT={chosen} "
                         "cannot render: the named formats have no tool syntax. Tools need a tokenizer whose chat "
@@ -519,13 +527,18 @@ def render_row(row: Row, chat: Chat | str, tokenizer, template: str, format_name
     try:
         segments = render(chat.messages, tokenizer, template, chat.tools, chat.prompt_turns)
     except TemplateSyntaxError as error:  # the template itself is broken: every row would fail
-        raise ConfigError(f"PROMPT_FORMAT={s.prompt_format}: the chat template does not parse: {error}") from None
+        raise ConfigError(f"{template_setting(s)}: the chat template does not parse: {error}") from None
     except (TemplateError, TypeError) as error:  # raise_exception(...) in strict templates, or a failed operation
-        raise DataError(f"{row.where}: the chat template (PROMPT_FORMAT={s.prompt_format}) refuses this row: "
+        raise DataError(f"{row.where}: the chat template ({template_setting(s)}) refuses this row: "
                         f"{error}") from None
     if chat.uses_tools():
         _check_tools_rendered(chat, segments, row.where, s)
     return segments
+
+
+def template_setting(s: Settings) -> str:
+    """The setting that chose the chat template, for messages."""
+    return f"CHAT_TEMPLATE_FILE={s.chat_template_file}" if s.chat_template_file else f"PROMPT_FORMAT={s.prompt_format}"
 
 
 def _check_tools_rendered(chat: Chat, segments: list[tuple[str, bool]], where: str, s: Settings) -> None:
@@ -600,6 +613,8 @@ def fingerprint(s: Settings, tokenizer) -> str:
             h.update(f"{name}={getattr(s, name)!r};".encode())
     if s.loss_on != "answers":
         h.update(f"loss_on={s.loss_on!r};".encode())
+    if s.chat_template_file:
+        h.update(f"chat_template={chat_template_for(s, tokenizer, '')};".encode())
     return h.hexdigest()[:16]
 
 

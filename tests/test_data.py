@@ -287,3 +287,21 @@ def test_tokenizing_in_workers_gives_what_one_process_gives_and_names_the_first_
         data.prepare(make(tmp_path, rows), tiny_tokenizer, "llama")
     skipping = data.prepare(make(tmp_path, rows, SKIP_BAD_ROWS="true"), tiny_tokenizer, "llama")
     assert skipping.stats["skipped_bad_rows"] == 2 and "d.jsonl:2901" in skipping.stats["skipped_examples"][0]
+
+
+def test_a_chat_template_file_renders_the_data_and_is_the_one_saved(tmp_path, tiny_tokenizer):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                        "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}")
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    s = make(tmp_path, [chat] * 3, EVAL_FRACTION="0", CHAT_TEMPLATE_FILE=str(template))
+    prepared = data.prepare(s, tiny_tokenizer, "llama")
+    assert tiny_tokenizer.decode(prepared.train[0]["input_ids"]).startswith("Q: hi\nA: hello")
+    answer = answers(prepared, tiny_tokenizer)[0]
+    assert "hello" in answer and "hi" not in answer and prepared.chat_template == template.read_text()
+    with pytest.raises(ConfigError, match="CHAT_TEMPLATE_FILE sets the template itself"):
+        make(tmp_path, [chat], CHAT_TEMPLATE_FILE=str(template), PROMPT_FORMAT="chatml")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    with pytest.raises(ConfigError, match="CHAT_TEMPLATE_FILE=.*broken.jinja: the chat template does not parse"):
+        data.prepare(make(tmp_path, [chat], CHAT_TEMPLATE_FILE=str(broken)), tiny_tokenizer, "llama")
