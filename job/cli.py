@@ -238,9 +238,12 @@ def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None, sig
             signals.check()
         summary.update(status="done", exit_code=0)
     except Exception as error:  # handled or a bug: summary.json never stays "training" or "merging"
-        if not isinstance(error, errors.Refused):  # a refused run leaves the directory as it found it
-            summary.failed(error)
-        raise
+        cause = errors.preempted_cause(error) or error  # a stop signal that a library wrapped is still a stop
+        if not isinstance(cause, errors.Refused):  # a refused run leaves the directory as it found it
+            summary.failed(cause)
+        if cause is error:
+            raise
+        raise cause from error
 
 
 def check_adapter_intact(s) -> None:
@@ -417,8 +420,10 @@ def main(argv=None) -> None:
     # The exit code is decided. A stop signal from here on (srun stopping this node because another one exited
     # first) must not turn it into death by that signal while the interpreter shuts down: a scheduler would read
     # another outcome (train.sbatch requeues only when every node exited 75).
+    # SIG_IGN, not a handler: Python puts SIG_DFL back for its own handlers while it finalizes, which takes a while
+    # after torch; nothing is started from here on that could inherit the ignored signals.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, launch.exiting)
+        signal.signal(sig, signal.SIG_IGN)
     # the launchers between a training process and `job run` report any failure as 1, whatever failed
     # and when (even while reading the settings): the process leaves its own code for `job run`
     launch.report_exit_code(code)

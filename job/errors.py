@@ -94,11 +94,23 @@ def cuda_out_of_memory(error: BaseException) -> BaseException | None:
     torch is looked up, never imported: its errors exist only once something has imported it."""
     torch = sys.modules.get("torch")
     torch_oom = getattr(torch, "OutOfMemoryError", ())  # torch.cuda.OutOfMemoryError is the same class
+    return in_chain(error, lambda e: isinstance(e, torch_oom) or (
+        isinstance(e, RuntimeError) and any(text in str(e) for text in OUT_OF_MEMORY_TEXTS)))
+
+
+def preempted_cause(error: BaseException) -> Preempted | None:
+    """The stop signal's Preempted that error is or was raised from: a library may wrap it in its own error (trl's
+    lazy import turns it into a RuntimeError when the signal lands during the import)."""
+    return in_chain(error, lambda e: isinstance(e, Preempted))
+
+
+def in_chain(error: BaseException | None, matches) -> BaseException | None:
+    """The first exception in error's chain that `matches`, following what Python prints with a traceback:
+    __cause__, else __context__ unless `from None` hid it."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, torch_oom) or (isinstance(error, RuntimeError)
-                                            and any(text in str(error) for text in OUT_OF_MEMORY_TEXTS)):
+        if matches(error):
             return error
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
@@ -112,14 +124,8 @@ RETRY_STATUS = {408, 409, 412, 423, 425, 429}
 def transient_hub_error(error: BaseException) -> tuple[bool, float | None]:
     """(transient?, seconds the server asked to wait) for an error from a Hub request, or from a library that wraps
     one (datasets and transformers raise their own, with the client's error in the chain)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        transient, wait = _transient(error)
-        if transient:
-            return transient, wait
-        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-    return False, None
+    found = in_chain(error, lambda e: _transient(e)[0])
+    return _transient(found) if found is not None else (False, None)
 
 
 def _transient(error: BaseException) -> tuple[bool, float | None]:

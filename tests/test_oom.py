@@ -168,3 +168,22 @@ def test_recognising_it_does_not_import_torch():
             "assert errors.cuda_out_of_memory(ValueError('x')) is None; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_a_stop_signal_a_library_wraps_during_evaluation_still_exits_75(monkeypatch, tmp_path, hf_home):
+    """CI saw it: SIGUSR1 landed while trl imported its trainer for the evaluation, and trl's lazy import turned the
+    job's Preempted into a RuntimeError: `job run` exited 1, not 75, and would not have been requeued."""
+    import job.evaluate
+
+    def evaluate_while_stopped(s):
+        try:
+            raise errors.Preempted("stopped by SIGUSR1 outside training; rerun to finish")
+        except errors.Preempted as stop:
+            raise RuntimeError("Failed to import trl.trainer.sft_trainer") from stop
+
+    monkeypatch.setattr(job.evaluate, "evaluate", evaluate_while_stopped)
+    output = tmp_path / "out"
+    (output / "adapter").mkdir(parents=True)
+    (output / "adapter" / checkpoint.COMPLETE).write_text("ok")
+    assert run_cli(monkeypatch, ["run"], OUTPUT_DIR=output) == errors.EXIT_PREEMPTED
+    assert read_summary(output)["exit_code"] == errors.EXIT_PREEMPTED
