@@ -96,6 +96,13 @@ def test_out_of_memory_in_the_merge_names_merge_device_cpu(monkeypatch, tmp_path
             "capacity of 7.63 GiB of which 1.19 GiB is free): set MERGE_DEVICE=cpu (now cuda)") in caplog.text
 
 
+def trained_already(output):
+    """An OUTPUT_DIR whose training is marked done: `job run` goes from preflight to evaluation."""
+    (output / "adapter").mkdir(parents=True)
+    (output / "adapter" / checkpoint.COMPLETE).write_text("ok")
+    return output
+
+
 def test_out_of_memory_wrapped_by_a_library_in_evaluation_under_job_run(monkeypatch, tmp_path, hf_home):
     """`job run` with training done (real preflight): evaluation fails with a library's error raised from cuBLAS's
     allocation failure; exit 6 and summary.json name the evaluation's settings."""
@@ -108,9 +115,7 @@ def test_out_of_memory_wrapped_by_a_library_in_evaluation_under_job_run(monkeypa
             raise ValueError("generation failed") from error
 
     monkeypatch.setattr(job.evaluate, "evaluate", evaluate_on_a_full_card)
-    output = tmp_path / "out"
-    (output / "adapter").mkdir(parents=True)
-    (output / "adapter" / checkpoint.COMPLETE).write_text("ok")
+    output = trained_already(tmp_path / "out")
     assert run_cli(monkeypatch, ["run"], OUTPUT_DIR=output) == errors.EXIT_OUT_OF_MEMORY
     summary = read_summary(output)
     assert summary["status"] == "failed" and summary["exit_code"] == errors.EXIT_OUT_OF_MEMORY
@@ -182,8 +187,6 @@ def test_a_stop_signal_a_library_wraps_during_evaluation_still_exits_75(monkeypa
             raise RuntimeError("Failed to import trl.trainer.sft_trainer") from stop
 
     monkeypatch.setattr(job.evaluate, "evaluate", evaluate_while_stopped)
-    output = tmp_path / "out"
-    (output / "adapter").mkdir(parents=True)
-    (output / "adapter" / checkpoint.COMPLETE).write_text("ok")
+    output = trained_already(tmp_path / "out")
     assert run_cli(monkeypatch, ["run"], OUTPUT_DIR=output) == errors.EXIT_PREEMPTED
     assert read_summary(output)["exit_code"] == errors.EXIT_PREEMPTED
