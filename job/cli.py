@@ -164,26 +164,26 @@ def push(s):
 @click.option("--out", default="", metavar="FILE", help="Also write the JSON report to FILE.")
 def bench(arch, max_length, steps, warmup, phases, memory_cap, levers, stock_tries, variant, workdir, as_json, out):
     """Time the job's training path against the tutorial recipe and the best stock settings (GPU)."""
-    from job import bench as benchmark
+    from job.bench import compare, longest, recipes, report
 
     logging.basicConfig(level=logging.WARNING)
     try:
         caps = tuple(float(c) for c in memory_cap.split(",") if c.strip())
         if max_length.strip().lower() == "max":
-            click.echo(json.dumps(benchmark.longest_sequence(arch, workdir, caps, out), indent=2))
+            click.echo(json.dumps(longest.longest_sequence(arch, workdir, caps, out), indent=2))
             return
         max_length = int(max_length)
-        variants = tuple(benchmark.parse_variant(v) for v in variant)
+        variants = tuple(recipes.parse_variant(v) for v in variant)
     except ValueError as error:
         raise errors.ConfigError(f"job bench: {error}") from None
     phases = tuple(p.strip() for p in phases.split(",") if p.strip())
     if levers:
-        variants = benchmark.lever_variants(phases, caps) + variants
-    opts = benchmark.Options(model=arch, max_length=max_length, warmup=warmup, steps=steps, phases=phases,
-                             memory_caps=caps, variants=variants, stock_tries=stock_tries, workdir=workdir,
-                             as_json=as_json, out=out)
-    report = benchmark.run(opts)
-    click.echo(json.dumps(report, indent=2) if as_json else benchmark.render(report))
+        variants = recipes.lever_variants(phases, caps) + variants
+    opts = recipes.Options(model=arch, max_length=max_length, warmup=warmup, steps=steps, phases=phases,
+                           memory_caps=caps, variants=variants, stock_tries=stock_tries, workdir=workdir,
+                           as_json=as_json, out=out)
+    figures = compare.run(opts)
+    click.echo(json.dumps(figures, indent=2) if as_json else report.render(figures))
 
 
 @cli.command()

@@ -16,6 +16,7 @@ import torch
 from job import checkpoint, data, model, speed
 from job.checkpoint import Layout
 from job.config import Settings
+from job.trainer import evaluation_trainer
 
 log = logging.getLogger("job.evaluate")
 
@@ -23,7 +24,6 @@ log = logging.getLogger("job.evaluate")
 def evaluate(s: Settings) -> dict:
     from accelerate import PartialState
     from peft import PeftModel
-    from trl import SFTConfig, SFTTrainer
 
     layout = Layout(s.output)
     done = checkpoint.read_json(layout.metrics / "evaluate.json")
@@ -45,13 +45,7 @@ def evaluate(s: Settings) -> dict:
             # under a cap, one sequence at a time: MAX_LENGTH x vocabulary logits (1 GiB in float32 for Llama-3 at
             # 2048 tokens) are what a batch adds on top of the 4-bit model
             batch = 1 if device.capped else s.micro_batch_size
-            args = SFTConfig(output_dir=scratch, per_device_eval_batch_size=batch,
-                             max_length=s.max_length, packing=s.packing, padding_free=s.packing,
-                             bf16=model.compute_dtype() == torch.bfloat16, report_to="none",
-                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-            # SFTTrainer insists on a train_dataset; it is never trained on here
-            trainer = SFTTrainer(model=tuned, args=args, train_dataset=prepared.eval, eval_dataset=prepared.eval,
-                                 processing_class=tokenizer)
+            trainer = evaluation_trainer(s, tuned, tokenizer, prepared.eval, scratch, batch)
             result["eval_loss_after"] = trainer.evaluate()["eval_loss"]
             with tuned.disable_adapter():
                 result["eval_loss_before"] = trainer.evaluate()["eval_loss"]

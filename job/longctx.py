@@ -32,12 +32,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import math
 import os
-import sys
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -768,7 +765,7 @@ def _decoder_layers(hf_model) -> list:
     return [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def _hf_model(model):
+def hf_model(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, "module", base)
 
@@ -782,7 +779,7 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
             simulate: bool = False) -> LongContext:
     """Long-context mode on a (PEFT-wrapped) model: chunked MLPs and norms, offloaded checkpoints on every
     decoder layer, the cached attention when `cache`. Idempotent per model."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     if getattr(hf, "_longctx", None) is not None:
         return hf._longctx
     mode = LongContext(hf, cache, simulate=simulate)
@@ -834,7 +831,7 @@ def install(model, tokens: int, *, cache: bool, mlp_tokens: int | None = None, n
 def offload_checkpoints(model, tokens: int, *, simulate: bool = False) -> LongContext:
     """Only this mode's checkpointing on every decoder layer: inputs to pinned CPU memory asynchronously, back one
     layer ahead of the backward (job.speed's `offload` plan under a small memory cap uses it)."""
-    mode = LongContext(_hf_model(model), cache=False, simulate=simulate)
+    mode = LongContext(hf_model(model), cache=False, simulate=simulate)
     mode.own_kernels = False  # job.speed's attention stays
     _checkpoint_through(mode, tokens, speed.Shape.of(mode.hf.config), simulate)
     return mode
@@ -1014,7 +1011,7 @@ class _LayerHandle:
 def offload_layers(model, offloaded: int, recomputed: int, tokens: int, *, simulate: bool = False) -> LayerOffload:
     """LayerOffload on a (PEFT-wrapped) model's decoder layers, laid out offloaded, recomputed, kept; the pool is
     what the kept layers' activations take at `tokens` tokens a micro-batch (job.speed's estimate)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     layers = _decoder_layers(hf)
     kept = list(range(offloaded + recomputed, len(layers)))
     store = Offloader(next(layers[0].parameters()).device, simulate=simulate)
@@ -1057,7 +1054,7 @@ def _checkpoint_through(mode: LongContext, tokens: int, shape, simulate: bool) -
 
 def apply(trainer, s, levers=None, stats: dict | None = None, *, host_gib: float | None = None) -> dict:
     """The hook train.py calls after building the trainer: decide, and install the mode when it is on."""
-    hf = _hf_model(trainer.model)
+    hf = hf_model(trainer.model)
     device = speed.probe(getattr(s, "gpu_memory_gib", 0.0))
     if device.cuda and not device.capped:  # the weights are loaded by now, and the estimate counts them
         device = dataclasses.replace(device, budget_gib=device.budget_gib + torch.cuda.memory_allocated() / GiB)
@@ -1082,222 +1079,3 @@ def apply(trainer, s, levers=None, stats: dict | None = None, *, host_gib: float
              "attention output cached on CPU" if mode.cache else "attention recomputed", p.gpu_gib, p.host_gib,
              f"{p.longest:,}")
     return {"long_context": True, **p.summary(), "attention_cache": mode.cache}
-
-
-# ------------------------------------------------------------------------------------- one trial, search
-
-def _rss_sampler():
-    import psutil
-
-    process, peak, stop = psutil.Process(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    return peak, stop
-
-
-def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True, cap_gib: float = 0.0) -> dict:
-    """One process, one model load, `steps` optimizer steps of one `length`-token sequence each.
-
-    mode "long": the job's own path (job.speed's levers + this mode forced on); "stock": TRL with recomputation,
-    sdpa, liger when asked, batch 1, packing (padding-free), nothing of the job's.
-    """
-    import tempfile
-
-    import datasets
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from job import config as job_config
-    from job import model as job_model
-    from job.train import build_trainer
-
-    result = {"length": length, "mode": mode, "steps": steps, "ok": False, "liger": liger, "cap_gib": cap_gib}
-    peak_rss, stop = _rss_sampler()
-    started = time.time()
-    cuda = torch.cuda.is_available()
-    cfg = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    generator = torch.Generator().manual_seed(0)
-    vocab = min(cfg.vocab_size, 32000)
-    ids = [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(steps)]
-    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
-    marks = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(["begin", time.perf_counter()])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(["end", time.perf_counter()])
-
-    trainer = None
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            common = dict(output_dir=scratch, max_steps=steps, learning_rate=2e-4, lr_scheduler_type="constant",
-                          warmup_steps=0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-                          disable_tqdm=True, seed=42, data_seed=42)
-            if mode == "stock":
-                s = job_config.load({"base_model": model_dir, "output_dir": scratch}, environ={})
-                if cap_gib and cuda:
-                    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / torch.cuda.mem_get_info()[1]))
-                base = AutoModelForCausalLM.from_pretrained(
-                    model_dir, dtype=job_model.compute_dtype(), quantization_config=job_model.quantization_config(s),
-                    device_map={"": 0} if cuda else None, attn_implementation="sdpa")
-                args = SFTConfig(**common, bf16=cuda, use_cpu=not cuda, max_length=length, dataset_num_proc=None,
-                                 packing=True, padding_free=True, per_device_train_batch_size=1,
-                                 activation_checkpointing=True,
-                                 activation_checkpointing_kwargs={"use_reentrant": False},
-                                 use_liger_kernel=liger and cuda)
-                trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
-                                     peft_config=job_model.lora_config(s, base), callbacks=[Timer()])
-            else:
-                env = {k: v for k, v in os.environ.items()
-                       if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
-                                if f.metadata["group"] in ("speed", "model")}}
-                flags = {"base_model": model_dir, "output_dir": scratch, "max_length": length,
-                         "micro_batch_size": 1, "grad_accum": 1, "long_context": "on",
-                         "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib}
-                s = job_config.load(flags, environ=env)
-                levers = speed.setup(s, cfg)
-                result["levers"] = {k: v for k, v in levers.summary().items() if k != "why"}
-                trainer, installed = build_trainer(s, model_dir, cfg, levers, tokenizer, rows,
-                                                   stats={"train_tokens": length * steps},
-                                                   device_map={"": 0} if cuda else None, callbacks=[Timer()],
-                                                   **common)
-                result["long"] = installed["long_context"]
-            result["load_s"] = round(time.time() - started, 1)
-            trainer.remove_callback(PrinterCallback)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        seconds = [end - begin for (_, begin), (_, end) in zip(marks[0::2], marks[1::2])]
-        result.update(ok=bool(losses) and all(math.isfinite(x) for x in losses), loss=losses,
-                      step_s=[round(x, 2) for x in seconds],
-                      tokens_per_s=round(length / seconds[-1], 1) if seconds else None)
-        if not result["ok"]:
-            result["error"] = f"loss not finite: {losses}"
-    except torch.OutOfMemoryError as error:
-        result["error"] = "out of memory: " + str(error).splitlines()[0][:200]
-    except Exception as error:  # noqa: BLE001 - reported as the trial's result
-        import traceback
-
-        traceback.print_exc(file=sys.stderr)
-        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-    finally:
-        stop.set()
-        if cuda:
-            result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
-            result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 2)
-            result["device"] = torch.cuda.get_device_name()
-        result["peak_host_gib"] = round(peak_rss[0] / GiB, 2)
-        if trainer is not None:
-            mode_obj = getattr(_hf_model(trainer.model), "_longctx", None)
-            if mode_obj is not None:
-                result["pinned_gib"] = round(mode_obj.store.pinned_bytes / GiB, 2)
-                result["pin_s"] = round(mode_obj.store.pin_seconds, 1)
-                result["offload"] = dict(mode_obj.store.counters, method=mode_obj.store.pin_method)
-        result["wall_s"] = round(time.time() - started, 1)
-    return result
-
-
-def run_trial(length: int, *, model_dir: str, steps: int = 1, mode: str = "long", liger: bool = True,
-              cap_gib: float = 0.0, timeout: float = 600) -> dict:
-    """A trial in its own process (an out-of-memory error or a crash leaves the search running)."""
-    import subprocess
-
-    command = [sys.executable, "-m", "job.longctx", "trial", "--model-dir", model_dir, "--length", str(length),
-               "--steps", str(steps), "--mode", mode, "--cap-gib", str(cap_gib)] + ([] if liger else ["--no-liger"])
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"length": length, "mode": mode, "ok": False, "error": f"timed out after {timeout:.0f}s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    return {"length": length, "mode": mode, "ok": False,
-            "error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}"}
-
-
-def search(try_length, start: int = 65536, limit: int = 2**21, granularity: int = 8192, report=print) -> dict:
-    """The longest length that trains: double from `start` until one fails, then bisect to `granularity`.
-
-    `try_length(n) -> dict` with "ok"; every result is passed to `report` as it comes."""
-    tried = []
-
-    def attempt(n: int) -> bool:
-        result = try_length(n)
-        tried.append(result)
-        report(result)
-        return bool(result.get("ok"))
-
-    good, bad = 0, None
-    n = start
-    while n <= limit:
-        if attempt(n):
-            good, n = n, n * 2
-        else:
-            bad = n
-            break
-    if good == 0 and bad is not None:  # even the start failed: halve down to something that trains
-        n = bad // 2
-        while n >= granularity and not attempt(n):
-            bad, n = n, n // 2
-        good = n if n >= granularity else 0
-    while bad is not None and good and bad - good > granularity:
-        mid = (good + bad) // 2 // granularity * granularity
-        if mid <= good:
-            break
-        if attempt(mid):
-            good = mid
-        else:
-            bad = mid
-    return {"longest": good, "first_failure": bad, "trials": tried}
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m job.longctx")
-    sub = parser.add_subparsers(dest="command", required=True)
-    one = sub.add_parser("trial", help="train one sequence (one process), print a JSON line")
-    one.add_argument("--model-dir", required=True)
-    one.add_argument("--length", type=int, required=True)
-    one.add_argument("--steps", type=int, default=1)
-    one.add_argument("--mode", choices=("long", "stock"), default="long")
-    one.add_argument("--no-liger", action="store_true")
-    one.add_argument("--cap-gib", type=float, default=0.0)
-    many = sub.add_parser("search", help="longest single sequence that trains (one process per trial)")
-    many.add_argument("--model-dir", required=True)
-    many.add_argument("--start", type=int, default=65536)
-    many.add_argument("--limit", type=int, default=2**21)
-    many.add_argument("--granularity", type=int, default=8192)
-    many.add_argument("--timeout", type=float, default=900)
-    many.add_argument("--cap-gib", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    if args.command == "trial":
-        result = trial(args.model_dir, args.length, args.steps, args.mode, liger=not args.no_liger,
-                       cap_gib=args.cap_gib)
-        print(json.dumps(result), flush=True)
-        return 0 if result["ok"] else 3
-    found = search(lambda n: run_trial(n, model_dir=args.model_dir, cap_gib=args.cap_gib, timeout=args.timeout),
-                   args.start, args.limit, args.granularity, report=lambda r: print(json.dumps(r), flush=True))
-    print(json.dumps({"longest": found["longest"], "first_failure": found["first_failure"],
-                      "settings": next((t.get("long") for t in reversed(found["trials"])
-                                        if t.get("ok") and t.get("length") == found["longest"]), None)}), flush=True)
-    return 0 if found["longest"] else 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,9 +42,14 @@ def build_tiny(root: Path | None = None) -> Path:
     Built locally and deterministically so the default job and the tests need no download. Written
     to a temporary directory and renamed, so concurrent ranks never see half a model.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from safetensors.torch import save_model
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     root = root or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "job"
     target = root / f"tiny-llama-{TINY_VERSION}"

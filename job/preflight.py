@@ -49,8 +49,9 @@ def check_trainer_args(s: Settings) -> None:
     import difflib
     import tempfile
 
-    import torch
     from trl import SFTConfig
+
+    from job.trainer import sft_config
 
     extra = trainer_args(s)
     if not extra:
@@ -63,11 +64,9 @@ def check_trainer_args(s: Settings) -> None:
             unknown.append(f"{key}{f' (did you mean {close[0]}?)' if close else ''}")
     if unknown:
         raise ConfigError(f"TRAINER_ARGS: not arguments of TRL's SFTConfig: {', '.join(unknown)}")
-    cpu = not torch.cuda.is_available()
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            SFTConfig(output_dir=scratch, use_cpu=cpu, bf16=not cpu and torch.cuda.is_bf16_supported(),
-                      report_to="none", **extra)
+            sft_config(s, output_dir=scratch, report_to="none")
     except (ValueError, TypeError, ImportError) as error:
         raise ConfigError(f"TRAINER_ARGS: SFTConfig refuses {extra}: {error}") from None
 

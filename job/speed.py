@@ -854,7 +854,10 @@ def _packing_guard(module, args, kwargs):
 
 def _packed_padding_mask(stack, mask, position_ids, samples):
     """Causal, within one sample, and not onto padding: as a 4D mask (or BlockMask) for the configured kernel."""
-    from transformers.masking_utils import create_causal_mask, packed_sequence_mask_function
+    from transformers.masking_utils import (
+        create_causal_mask,
+        packed_sequence_mask_function,
+    )
 
     embed = stack.get_input_embeddings().weight
     dtype = embed.dtype if embed.dtype.is_floating_point else torch.float32
@@ -1503,27 +1506,6 @@ def count_flops_once(trainer) -> None:
     main_input = getattr(model, "main_input_name", "input_ids")
     per_token = 6 * model.num_parameters(exclude_embeddings=True)
     trainer.floating_point_ops = lambda inputs: per_token * inputs[main_input].numel() if main_input in inputs else 0
-
-
-def sft_arguments(levers: Levers) -> dict:
-    """SFTConfig arguments for the chosen levers."""
-    checkpointing = levers.checkpointing != "none"
-    return {
-        "per_device_train_batch_size": levers.micro_batch_size,
-        "gradient_accumulation_steps": levers.grad_accum,
-        "activation_checkpointing": checkpointing,
-        # "offload" is installed by prepare_adapted (job.longctx's asynchronous offloader), not transformers'
-        "activation_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
-        "dataloader_num_workers": levers.dataloader_workers,
-        "dataloader_pin_memory": levers.device != "cpu",
-        "dataloader_persistent_workers": levers.dataloader_workers > 0,
-        # a blocking copy of the batch waits for the GPU to finish the previous step before the host may queue
-        # the next forward; from pinned memory the copy needs no wait
-        "accelerator_config": {"non_blocking": levers.device != "cpu"},
-        # the filter reads every micro-step's loss back from the GPU, and logs a running mean in place of a NaN,
-        # hiding a diverged run from the job's guard (job.train.GuardCallback)
-        "logging_nan_inf_filter": False,
-    }
 
 
 def plan(s: Settings, config, device: Device | None = None) -> Levers:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, TrainerCallback
-from trl import SFTConfig, SFTTrainer
 
-from job import checkpoint, data, longctx, model, speed
+from job import checkpoint, data, model, speed
 from job.checkpoint import Layout
-from job.config import SHARDED, Settings, batch_layout, trainer_args
-from job.errors import ConfigError, Preempted, TrainingFailed
+from job.config import SHARDED, Settings, batch_layout
+from job.errors import Preempted, TrainingFailed
+from job.trainer import JobTrainer, build_trainer, run_fields
 
 log = logging.getLogger("job.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Kubernetes eviction / spot reclaim, Slurm's --signal
@@ -67,29 +67,10 @@ def train(s: Settings) -> dict:
     state.wait_for_everyone()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(layout.tensorboard))
 
-    trainer, _ = build_trainer(
-        s, path, config, levers, tokenizer, prepared.train, prepared.eval, stats=prepared.stats,
-        device_map=_device_map(s, state), trainer_class=AtomicCheckpointTrainer,
-        callbacks=[guard, ProgressCallback()],
-        output_dir=str(layout.checkpoints),
-        per_device_eval_batch_size=s.micro_batch_size,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=s.warmup_ratio,
-        num_train_epochs=s.epochs,
-        max_steps=s.max_steps,
-        eval_strategy="steps" if prepared.eval is not None else "no",
-        eval_steps=s.eval_steps,
-        save_strategy="steps",
-        save_steps=s.save_steps,
-        save_total_limit=None,  # retention is ours: it must skip incomplete checkpoints
-        logging_steps=s.logging_steps,
-        report_to=[t for t in s.report_to.split(",") if t != "none"] or "none",
-        seed=s.seed,
-        data_seed=s.seed,
-        disable_tqdm=True,  # progress goes to the log as lines, readable in a batch job's output
-        ddp_timeout=3 * 3600,  # rank 0 may be saving or tokenizing while others wait
-    )
+    trainer, _ = build_trainer(s, path, config, levers, tokenizer, prepared.train, prepared.eval,
+                               stats=prepared.stats, device_map=_device_map(s, state),
+                               trainer_class=AtomicCheckpointTrainer, callbacks=[guard, ProgressCallback()],
+                               **run_fields(s, layout, evaluates=prepared.eval is not None))
     trainer.keep_checkpoints = s.save_total_limit
     trainer.batch_record = resumed
     resume = checkpoint.latest_checkpoint(layout.checkpoints)
@@ -131,47 +112,6 @@ def train(s: Settings) -> dict:
         log.info("adapter saved: %s", layout.adapter)
     state.wait_for_everyone()
     return metrics
-
-
-def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenizer, train_dataset, eval_dataset=None,
-                  *, device_map, trainer_class=None, callbacks=(), stats: dict | None = None,
-                  **sft_arguments) -> tuple[SFTTrainer, dict]:
-    """The job's model and trainer, and what was installed on them: 4-bit base, speed levers, LoRA, the
-    long-context mode when on.
-
-    The one place this is assembled: `train` runs it, `job bench` and the long-context trial time it, so what is
-    measured is what users train with. `sft_arguments` are the run's own SFTConfig fields (steps, schedule,
-    saving); the levers add micro batch, accumulation, recomputation and data loading; TRAINER_ARGS the rest."""
-    ours = dict(
-        max_length=s.max_length,
-        packing=s.packing,
-        padding_free=s.packing,
-        bf16=model.compute_dtype() == torch.bfloat16,
-        fp16=model.compute_dtype() == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        dataset_num_proc=None,
-        **speed.sft_arguments(levers),
-        **sft_arguments,
-    )
-    extra = trainer_args(s)
-    clash = sorted(extra.keys() & ours.keys())
-    if clash:  # config.OWNED_ARGUMENTS refuses these in validation; this keeps the two in step
-        raise ConfigError(f"TRAINER_ARGS: {', '.join(clash)} set by the job itself")
-    args = SFTConfig(**ours, **extra)
-    # after the SFTConfig: under ZeRO-3 it makes from_pretrained shard the weights as they load
-    base = model.load_model(s, path, device_map=speed.device_map(levers, config, device_map, s.trust_remote_code),
-                            attn_implementation=levers.attn_implementation)
-    speed.prepare_base(base, levers)
-    trainer_class = trainer_class or JobTrainer  # (defined below)
-    trainer = trainer_class(model=base, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                            processing_class=tokenizer, peft_config=model.lora_config(s, base),
-                            callbacks=list(callbacks))
-    installed = speed.prepare_adapted(trainer.model, levers)
-    if s.use_dora:
-        installed["dora_layers_cast_back"] = model.keep_dora_output_dtype(trainer.model)
-    installed["long_context"] = longctx.apply(trainer, s, levers, stats)  # docs/long-context.md
-    speed.count_flops_once(trainer)
-    return trainer, installed
 
 
 def patch_peft_for_fsdp1():
@@ -269,62 +209,6 @@ def plot_loss(history: list[dict], path) -> None:
     figure.savefig(tmp)
     plt.close(figure)
     tmp.replace(path)
-
-
-class JobTrainer(SFTTrainer):
-    """SFTTrainer whose metrics stay on the GPU until a log step.
-
-    TRL 1.16's compute_loss reads entropy, token accuracy and the token count back after every forward (`.item()`),
-    so the host waits for the GPU at each micro-step instead of queueing the next one (run 16: +5.7% tokens/s
-    uncapped on an H100 without those reads, +3% at 16 GiB, docs/performance.md). This is TRL's plain loss and its
-    metrics computed the same way, read once per log; every other loss (a custom compute_loss_func, label
-    smoothing, DFT, a MoE aux loss, sequence parallelism, outputs asked for) is TRL's own code."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pending_metrics: dict[str, list] = {}  # mode -> (entropy, accuracy) tensors, one per micro-batch
-        self._pending_tokens = 0  # train tokens since the last log, this rank
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not self._plain_loss():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
-        inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        gather = self.accelerator.gather_for_metrics
-        sums = torch.stack([outputs.entropy.detach().sum().float(), outputs.is_top1.sum().float()])
-        valid = gather(outputs.label_mask.sum()).sum()
-        # (entropy, accuracy) of this micro-batch; 0 when nothing is trained on, as TRL logs it
-        self._pending_metrics.setdefault(mode, []).append(gather(sums[None]).sum(0) / valid.clamp(min=1))
-        if mode == "train":  # padding-free rows have no pad: their size is the count, known here without a read
-            self._pending_tokens += inputs["attention_mask"].sum() if "attention_mask" in inputs else \
-                inputs["position_ids"].size(1)
-        return loss
-
-    def log(self, logs, start_time=None):
-        mode = "train" if self.model.training else "eval"
-        pending = self._pending_metrics.pop(mode, [])
-        if pending:
-            for entropy, accuracy in torch.stack(pending).tolist():  # one read-back per log
-                self._metrics[mode]["entropy"].append(entropy)
-                self._metrics[mode]["mean_token_accuracy"].append(accuracy)
-        tokens = self._pending_tokens
-        if self.accelerator.num_processes > 1:  # every rank logs at the same steps
-            tokens = self.accelerator.reduce(torch.as_tensor(tokens, device=self.accelerator.device), "sum")
-        self._total_train_tokens += int(tokens) // self._tp_size
-        self._pending_tokens = 0
-        if pending:
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return super().log(logs, start_time)
-
-    def _plain_loss(self) -> bool:
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
-        return (self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
-                and not self.aux_loss_enabled and not (parallelism is not None and parallelism.sp_enabled))
 
 
 class AtomicCheckpointTrainer(JobTrainer):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from job import config, longctx, speed
+from job.bench import longest
 from job.errors import ConfigError
 
 LLAMA_8B = {"model_type": "llama", "hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32,
@@ -86,6 +87,7 @@ def _trainer(tmp_path, packing: bool, lengths: tuple, cuda: bool = False):
     from trl import SFTConfig, SFTTrainer
 
     from job import model as job_model
+    from job.trainer import lever_fields
 
     s = config.load({"output_dir": str(tmp_path), "lora_dropout": "0", "packing": str(packing),
                      "max_length": "256"}, environ={})
@@ -101,7 +103,7 @@ def _trainer(tmp_path, packing: bool, lengths: tuple, cuda: bool = False):
     rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(lengths), packing=packing,
                      padding_free=packing, max_length=2048, use_cpu=not cuda, bf16=cuda, report_to="none",
-                     dataset_num_proc=None, **{k: v for k, v in speed.sft_arguments(levers).items()
+                     dataset_num_proc=None, **{k: v for k, v in lever_fields(levers).items()
                                                if k.startswith("dataloader")})
     trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
                          peft_config=job_model.lora_config(s, base))
@@ -265,7 +267,7 @@ def test_setting_long_context():
 @pytest.mark.parametrize("limit", [300_000, 40_000, 7_000])
 def test_search_doubles_then_bisects(limit):
     seen = []
-    found = longctx.search(lambda n: {"length": n, "ok": n <= limit}, start=65536, limit=2**21,
+    found = longest.search(lambda n: {"length": n, "ok": n <= limit}, start=65536, limit=2**21,
                            granularity=8192, report=seen.append)
     if limit >= 8192:
         assert found["longest"] <= limit < found["longest"] + 8192 and found["first_failure"] > limit
@@ -303,8 +305,8 @@ def test_sharded_strategies_leave_the_long_context_mode_off():
 
 
 def test_a_trial_trains_the_jobs_path_with_the_mode_on(tiny_model):
-    """`python -m job.longctx trial` (what the search and scripts/gpu/longctx.sh run): one step, finite loss, the
+    """`python -m job.bench.longest trial` (what the search and scripts/gpu/longctx.sh run): one step, finite loss, the
     mode installed by the same assembly as `job train`."""
-    result = longctx.trial(str(tiny_model), 512, 1, "long")
+    result = longest.trial(str(tiny_model), 512, 1, "long")
     assert result["ok"], result.get("error")
     assert result["long"]["long_context"] is True

@@ -99,7 +99,7 @@ def test_the_job_trainers_loss_is_each_sample_alone(settings, tiny_model, tiny_t
     import datasets
     from trl import SFTConfig
 
-    from job.train import JobTrainer
+    from job.trainer import JobTrainer
 
     base = load(settings, tiny_model, attn=attn, adapter=False)
     rows = datasets.Dataset.from_dict({"input_ids": [s.tolist() for s in samples],

@@ -240,19 +240,6 @@ def test_memory_estimates_match_the_h100_measurements(llama3):
         assert peak * 0.9 <= estimate <= peak * 1.3, (levers, tokens, estimate, peak)
 
 
-def test_sft_arguments_follow_the_levers():
-    args = speed.sft_arguments(speed.Levers(checkpointing="offload", checkpoint_layers=32, micro_batch_size=2,
-                                            grad_accum=2, dataloader_workers=2, device="H100"))
-    assert args["per_device_train_batch_size"] == 2 and args["gradient_accumulation_steps"] == 2
-    # offloading is job.longctx's asynchronous offloader, installed by prepare_adapted, not transformers' own
-    assert args["activation_checkpointing"] and args["activation_checkpointing_kwargs"] == {"use_reentrant": False}
-    assert args["dataloader_num_workers"] == 2 and args["dataloader_pin_memory"]
-    assert args["accelerator_config"] == {"non_blocking": True}  # pinned batches copied without a GPU wait
-    assert not args["logging_nan_inf_filter"]  # a NaN loss reaches the guard (tests/test_train.py)
-    on_cpu = speed.sft_arguments(speed.Levers())
-    assert not on_cpu["activation_checkpointing"] and on_cpu["accelerator_config"] == {"non_blocking": False}
-
-
 def test_peak_tflops_by_name():
     assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert speed.peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -5,7 +5,6 @@ fills up mid-run. Tests that need them are skipped where mounting is not allowed
 """
 
 import contextlib
-import errno
 import os
 import subprocess
 import sys

@@ -87,15 +87,16 @@ def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, overrides=(), callbacks=
     """The job's trainer on the tiny model and bench-style rows, nothing saved."""
     from transformers import AutoConfig
 
-    from job import bench, speed
+    from job import speed
+    from job.bench import workload
     from job import config as job_config
-    from job.train import build_trainer
+    from job.trainer import build_trainer
 
     s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256,
                          **dict(overrides)}, environ={})
     cfg = AutoConfig.from_pretrained(tiny_model)
-    rows = bench.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
-    trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, bench.dataset(rows),
+    rows = workload.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
+    trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, workload.dataset(rows),
                                device_map=None, callbacks=list(callbacks), trainer_class=trainer_class,
                                output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
                                seed=0, **arguments)
@@ -108,7 +109,7 @@ def test_the_job_trainer_logs_what_trl_logs(tiny_model, tiny_tokenizer, tmp_path
     gradient accumulation."""
     from trl import SFTTrainer
 
-    from job.train import JobTrainer
+    from job.trainer import JobTrainer
 
     histories = []
     for trainer_class in (SFTTrainer, JobTrainer):

@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# Issue 12's measurement on the GPU machine, one `device` call (carry [".whl"]), inside its 10-minute limit:
-# the trials run in order of importance, each its own process with its own timeout, and a trial is skipped
-# when the time left cannot hold it. Results: one JSON line per trial in $OUT/longctx.jsonl.
+# The long-context trials of docs/long-context.md on a GPU host, in an environment with the job's dependencies,
+# from the repository root, within BUDGET_S seconds: the trials run in order of importance, each its own process
+# with its own timeout, and a trial is skipped when the time left cannot hold it.
+# Results: one JSON line per trial in $OUT/longctx.jsonl.
 set -uo pipefail
 budget=${BUDGET_S:-570}
 start=$SECONDS
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-rm -rf /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD TMPDIR=/tmp
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TMPDIR=${TMPDIR:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 free -g | tee -a "$out/gpu.txt"
-python3 -c "from pathlib import Path; from job import bench; print(bench.build_model('llama-3-8b', Path('/tmp/job-bench')))" \
+python3 -c "from pathlib import Path; from job.bench.workload import build_model; print(build_model('llama-3-8b', Path('/tmp/job-bench')))" \
   2>&1 | tail -3
 echo "model ready at $((SECONDS - start)) s"
 if [ -n "${GPU_TESTS-1}" ]; then
@@ -26,7 +24,7 @@ for spec in ${TRIALS:-long:262144:1:0:330 long:65536:2:0:90 stock:65536:2:0:90 l
   if ((left < limit / 2)); then echo "skip $spec: ${left}s left"; continue; fi
   ((limit > left)) && limit=$left
   echo "trial $spec (limit ${limit}s) at $((SECONDS - start)) s"
-  timeout -k 5 "$limit" python3 -m job.longctx trial --model-dir /tmp/job-bench/llama-3-8b-nf4 --mode "$mode" \
+  timeout -k 5 "$limit" python3 -m job.bench.longest trial --model-dir /tmp/job-bench/llama-3-8b-nf4 --mode "$mode" \
     --length "$length" --steps "$steps" --cap-gib "$cap" 2>"$out/trial-$mode-$length-$cap.log" \
     | grep '^{' | tee -a "$out/longctx.jsonl"
   echo "exit ${PIPESTATUS[0]}; $(tail -2 "$out/trial-$mode-$length-$cap.log" | cut -c1-300)"

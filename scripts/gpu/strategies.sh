@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every STRATEGY on all GPUs of the device machine (one `device` call, carry [".whl-launch"]): the tiny model trains,
+# Every STRATEGY on all GPUs of a GPU host (an environment with the job's dependencies and deepspeed, from the
+# repository root): the tiny model trains,
 # is stopped by SIGUSR1 after its first complete checkpoint (expect 75), resumes (expect 0) and is saved, evaluated and merged.
 # $OUT/summary.txt: one line per strategy; $OUT/logs.tgz: the logs. docs/launch.md says more.
-rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-launch/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L; python3 -c "import torch,transformers,accelerate,deepspeed,bitsandbytes as b;print(torch.__version__,transformers.__version__,accelerate.__version__,deepspeed.__version__,b.__version__)"
 export HF_HOME=/tmp/hf REPORT_TO=none MAX_STEPS=${MAX_STEPS:-8} SAVE_STEPS=2 LOGGING_STEPS=2 MAX_LENGTH=256 EVAL_STEPS=1000 SAMPLE_PROMPTS=1 MAX_NEW_TOKENS=8
 S=$SECONDS
