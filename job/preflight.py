@@ -12,10 +12,11 @@ import math
 import os
 import uuid
 
-from job import checkpoint, data, longctx, model, publish, speed
+from job import checkpoint, data, model, publish, speed
 from job.checkpoint import Layout
 from job.config import Settings, batch_layout, trainer_args
 from job.errors import ConfigError, unreachable_or
+from job.speed import longcontext
 
 QUANTIZED_BYTES = {"nf4": 0.56, "int8": 1.06, "none": 2.0}  # per parameter, with quantization constants
 
@@ -100,8 +101,8 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
     levers = speed.choose(as_trained, shape, device)
     tokenizer = model.load_tokenizer(s, path)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
-    long = longctx.plan(s, shape, device, prepared.stats, levers=levers, config=config)
-    longctx.check_fits(long, s)  # refuses a length that cannot fit, naming the longest that would
+    long = longcontext.plan(s, shape, device, prepared.stats, levers=levers, config=config)
+    longcontext.check_fits(long, s)  # refuses a length that cannot fit, naming the longest that would
     resumed = None if finished else checkpoint.resume_batch(  # before claim: a refusal changes nothing
         layout.checkpoints, batch, strategy=s.strategy, allow_change=s.allow_batch_change)
     checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint}, batch)

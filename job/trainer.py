@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from job import longctx, model, speed
+from job import model, speed
 from job.checkpoint import Layout
 from job.config import Settings, trainer_args
 from job.errors import ConfigError
+from job.speed import longcontext
 
 
 def job_fields(s: Settings) -> dict:
@@ -117,7 +118,7 @@ def build_trainer(s: Settings, path: str, config, levers: speed.Levers, tokenize
     installed = speed.prepare_adapted(trainer.model, levers)
     if s.use_dora:
         installed["dora_layers_cast_back"] = model.keep_dora_output_dtype(trainer.model)
-    installed["long_context"] = longctx.apply(trainer, s, levers, stats)  # docs/long-context.md
+    installed["long_context"] = longcontext.apply(trainer, s, levers, stats)  # docs/long-context.md
     speed.count_flops_once(trainer)
     return trainer, installed
 

@@ -18,9 +18,13 @@ def main(out: str, patched: bool) -> None:
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
     from safetensors import safe_open
-    from torch.distributed.fsdp import FullStateDictConfig, ShardedOptimStateDictConfig, ShardedStateDictConfig
+    from torch.distributed.fsdp import (
+        FullStateDictConfig,
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import StateDictType
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from job.train import patch_peft_for_fsdp1

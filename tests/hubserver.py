@@ -586,7 +586,9 @@ def patch_hf_client(monkeypatch: Any, hub: HubServer, hf_home: Path) -> None:
     on loopback, but then the download URL template must follow, or `hf_hub_download(endpoint=...)`
     quietly targets https://huggingface.co.
     """
-    from huggingface_hub import constants  # imported here: the server itself needs only the stdlib
+    from huggingface_hub import (
+        constants,  # imported here: the server itself needs only the stdlib
+    )
 
     for name, value in {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home)}.items():
         monkeypatch.setenv(name, value)

@@ -13,8 +13,15 @@ import pytest
 from job import checkpoint
 from job.checkpoint import Layout
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
-from tests.jobtools import (TRAINED, copy_output, log_rows, run_job, start_training, trained_rows,
-                            wait_for_step)
+from tests.jobtools import (
+    TRAINED,
+    copy_output,
+    log_rows,
+    run_job,
+    start_training,
+    trained_rows,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 

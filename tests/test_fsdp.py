@@ -9,6 +9,7 @@ import sys
 
 from tests.jobtools import REPO
 
+
 def run_workers(out, patched: bool) -> dict:
     env = {**os.environ, "PATCHED": "1" if patched else "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

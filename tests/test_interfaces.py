@@ -19,8 +19,17 @@ import pytest
 
 from job import config, launch
 from job.errors import ConfigError
-from tests.cluster.slurm import (SlurmHarnessError, add_netns, add_veth, del_netns, kill_netns_processes,
-                                 node_argv, pick_subnet, set_address, write_hosts)
+from tests.cluster.slurm import (
+    SlurmHarnessError,
+    add_netns,
+    add_veth,
+    del_netns,
+    kill_netns_processes,
+    node_argv,
+    pick_subnet,
+    set_address,
+    write_hosts,
+)
 from tests.jobtools import REPO, job_env
 
 BOTH = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "eth1"}

@@ -23,8 +23,17 @@ import pytest
 import yaml
 
 from job import config, launch
-from tests.cluster.slurm import (SlurmHarnessError, add_netns, add_veth, del_netns, kill_netns_processes,
-                                 node_argv, pick_subnet, set_address, write_hosts)
+from tests.cluster.slurm import (
+    SlurmHarnessError,
+    add_netns,
+    add_veth,
+    del_netns,
+    kill_netns_processes,
+    node_argv,
+    pick_subnet,
+    set_address,
+    write_hosts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

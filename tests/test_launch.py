@@ -150,7 +150,10 @@ def test_slurm_host_lists(nodelist, hosts):
 
 def _accelerate(cmd: list[str]):
     """What `accelerate launch` makes of the command: torchrun's arguments and the processes' environment."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]

@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from job import config, longctx, speed
+from job import config, speed
 from job.bench import longest
 from job.errors import ConfigError
+from job.speed import longcontext
+from job.speed.attention import CUDNN_ATTENTION
+from job.speed.levers import VARLEN
+from job.speed.memory import usable_gib
+from job.speed.offload import Offloader
 
 LLAMA_8B = {"model_type": "llama", "hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32,
             "kv_heads": 8, "head_dim": 128, "vocab": 128256, "tied": False}
@@ -41,7 +46,7 @@ def test_token_chunks_replay_dropout_and_sum_parameter_grads():
     flat = x.reshape(-1, 8)
     ref = torch.cat([block(flat[i:i + 5].unsqueeze(0)).squeeze(0) for i in range(0, 26, 5)]).view(2, 13, 8)
     ref_grads = torch.autograd.grad((ref * weights).sum(), [x, *block.parameters()])
-    longctx.chunk_module(block, 5)
+    longcontext.chunk_module(block, 5)
     torch.manual_seed(7)
     out = block(x)
     grads = torch.autograd.grad((out * weights).sum(), [x, *block.parameters()])
@@ -66,7 +71,7 @@ def test_mlp_forward_is_skipped_in_the_recompute_of_a_checkpointed_layer():
 
     ref = checkpoint(layer, x, use_reentrant=False)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *mlp.parameters()])
-    longctx.chunk_module(mlp, 4, skip_in_recompute=True)
+    longcontext.chunk_module(mlp, 4, skip_in_recompute=True)
     out = checkpoint(layer, x, use_reentrant=False)
     grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
     torch.testing.assert_close(out, ref)
@@ -76,7 +81,7 @@ def test_mlp_forward_is_skipped_in_the_recompute_of_a_checkpointed_layer():
 
 
 def _run_of(module):
-    return next(c.cell_contents for c in module.forward.__closure__ if isinstance(c.cell_contents, longctx._Chunked))
+    return next(c.cell_contents for c in module.forward.__closure__ if isinstance(c.cell_contents, longcontext._Chunked))
 
 
 # ---------------------------------------------------------------------------- the tiny model, both paths
@@ -122,7 +127,7 @@ def _trainer(tmp_path, packing: bool, lengths: tuple, cuda: bool = False):
         batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if packing:  # the plain path with the kernel the job uses for packed rows on a GPU (CPU: per-sample sdpa)
         speed.register_attention()
-        trainer.model.get_base_model().set_attn_implementation(speed.VARLEN)
+        trainer.model.get_base_model().set_attn_implementation(VARLEN)
     return trainer, batch
 
 
@@ -144,7 +149,7 @@ def test_long_context_path_matches_plain_path(tmp_path, hf_home, packing, length
     elif len(lengths) > 1:
         assert not batch["attention_mask"].all()  # right padding: the mask goes to sdpa, uncached
     plain_loss, plain_grads = _loss_and_grads(trainer, batch)
-    mode = longctx.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=16, norm_tokens=24,
+    mode = longcontext.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=16, norm_tokens=24,
                            simulate=True)
     long_loss, long_grads = _loss_and_grads(trainer, batch)
     torch.testing.assert_close(long_loss, plain_loss, rtol=1e-6, atol=1e-6)
@@ -167,14 +172,14 @@ def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home, lengths):
     """On a GPU: the real side-stream copies, pinned buffers, flash varlen and cuDNN kernels (bf16, so looser)."""
     trainer, batch = _trainer(tmp_path, True, lengths, cuda=True)
     plain_loss, plain_grads = _loss_and_grads(trainer, batch)
-    mode = longctx.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=256, norm_tokens=384)
+    mode = longcontext.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=256, norm_tokens=384)
     mode.store.min_bytes = 0  # the tiny model's checkpoints are far below the usual 1 MiB
     long_loss, long_grads = _loss_and_grads(trainer, batch)
     torch.cuda.synchronize()
     torch.testing.assert_close(long_loss, plain_loss, rtol=1e-2, atol=1e-2)
     errors = {n: ((long_grads[n] - g).float().norm() / g.float().norm()).item() for n, g in plain_grads.items()}
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
-    assert mode.own_kernels and longctx.CUDNN_ATTENTION["usable"]  # both kernels passed the install self-check
+    assert mode.own_kernels and CUDNN_ATTENTION["usable"]  # both kernels passed the install self-check
     layers = len(mode.layers)
     # per layer: its checkpoint, the attention output and its log-sum-exp
     assert mode.store.counters["put"] == 3 * layers == mode.store.counters["take"]
@@ -183,7 +188,7 @@ def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home, lengths):
 
 
 def test_offloader_prefetches_the_next_layer_in_backward_order():
-    store = longctx.Offloader(torch.device("cpu"), simulate=True)
+    store = Offloader(torch.device("cpu"), simulate=True)
     for layer in range(3):
         store.put(("ckpt", layer), layer, torch.full((4,), float(layer)))
     assert store.take(("ckpt", 2)).tolist() == [2.0] * 4
@@ -202,9 +207,9 @@ def test_plan_for_llama_8b_on_an_h100():
     at = {}
     for tokens in (65536, 131072, 262144):
         s = settings(max_length=tokens)
-        p = longctx.plan(s, shape, H100, host_gib=120.0, levers=_levers(s, shape))
+        p = longcontext.plan(s, shape, H100, host_gib=120.0, levers=_levers(s, shape))
         assert p.on and "auto" in p.why
-        longctx.check_fits(p, settings(max_length=tokens))
+        longcontext.check_fits(p, settings(max_length=tokens))
         at[tokens] = p
     assert at[65536].gpu_gib < 33.7 / 2, at[65536]  # half the stock peak at 65,536 tokens
     assert at[65536].attention_cache and not at[262144].attention_cache
@@ -212,7 +217,7 @@ def test_plan_for_llama_8b_on_an_h100():
     assert 262144 <= at[262144].longest < 2**20
     capped = dataclasses_replace(H100, budget_gib=24.0, capped=True)
     s = settings(max_length=65536)
-    longctx.check_fits(longctx.plan(s, shape, capped, host_gib=120.0, levers=_levers(s, shape, capped)), s)
+    longcontext.check_fits(longcontext.plan(s, shape, capped, host_gib=120.0, levers=_levers(s, shape, capped)), s)
 
 
 def dataclasses_replace(obj, **changes):
@@ -224,34 +229,34 @@ def dataclasses_replace(obj, **changes):
 def test_a_length_that_cannot_fit_is_refused_naming_the_longest_that_would():
     shape = speed.Shape(**LLAMA_8B)
     s = settings(max_length=2**20)
-    p = longctx.plan(s, shape, H100, host_gib=120.0)
+    p = longcontext.plan(s, shape, H100, host_gib=120.0)
     with pytest.raises(ConfigError, match=r"MAX_LENGTH=1048576 .* longest that fits here is MAX_LENGTH=(\d+)") as e:
-        longctx.check_fits(p, s)
+        longcontext.check_fits(p, s)
     longest = int(e.value.args[0].rsplit("MAX_LENGTH=", 1)[1].split()[0])
     assert 262144 <= longest < 2**20
-    longctx.check_fits(longctx.plan(settings(max_length=longest), shape, H100, host_gib=120.0),
+    longcontext.check_fits(longcontext.plan(settings(max_length=longest), shape, H100, host_gib=120.0),
                        settings(max_length=longest))
 
 
 def test_auto_decides_from_the_length_and_the_data():
     shape = speed.Shape(**LLAMA_8B)
-    assert not longctx.plan(settings(max_length=8192), shape, H100, host_gib=120.0).on
-    assert longctx.plan(settings(max_length=8192, long_context="on"), shape, H100, host_gib=120.0).on
-    assert not longctx.plan(settings(max_length=131072, long_context="off"), shape, H100, host_gib=120.0).on
+    assert not longcontext.plan(settings(max_length=8192), shape, H100, host_gib=120.0).on
+    assert longcontext.plan(settings(max_length=8192, long_context="on"), shape, H100, host_gib=120.0).on
+    assert not longcontext.plan(settings(max_length=131072, long_context="off"), shape, H100, host_gib=120.0).on
     cpu = speed.Device("cpu", "cpu")
-    assert not longctx.plan(settings(max_length=131072), shape, cpu, host_gib=20.0).on
+    assert not longcontext.plan(settings(max_length=131072), shape, cpu, host_gib=20.0).on
     # unpacked rows are only as long as the data: a long MAX_LENGTH over short rows needs nothing
     short = {"tokens_max": 3000, "train_tokens": 10**7}
-    assert not longctx.plan(settings(max_length=131072, packing="false"), shape, H100, short, host_gib=120.0).on
-    assert longctx.plan(settings(max_length=131072), shape, H100, short, host_gib=120.0).on
+    assert not longcontext.plan(settings(max_length=131072, packing="false"), shape, H100, short, host_gib=120.0).on
+    assert longcontext.plan(settings(max_length=131072), shape, H100, short, host_gib=120.0).on
 
 
 def test_rope_warning_past_the_trained_context():
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(max_position_embeddings=8192)
-    assert longctx.rope_note(cfg, 8192) is None
-    note = longctx.rope_note(cfg, 262144)
+    assert longcontext.rope_note(cfg, 8192) is None
+    note = longcontext.rope_note(cfg, 262144)
     assert "32.0x the 8,192 positions" in note and "extrapolated" in note
 
 
@@ -290,15 +295,15 @@ def test_the_speed_planner_leaves_memory_to_the_long_context_mode():
     assert plain.offload_embeddings  # outside the mode the 8 GiB plan still moves them
     # a plain plan that fits its cap, however tightly, leaves the mode off (it once turned on above 90%)
     tight = dataclasses_replace(plain, estimated_peak_gib=7.4)  # the plan with liger on the H100: 7.2
-    assert 0.9 * 8.0 < tight.estimated_peak_gib <= speed.usable_gib(8.0)
-    assert not longctx.plan(settings(max_length=2048), shape, eight, levers=tight, host_gib=120.0).on
+    assert 0.9 * 8.0 < tight.estimated_peak_gib <= usable_gib(8.0)
+    assert not longcontext.plan(settings(max_length=2048), shape, eight, levers=tight, host_gib=120.0).on
     with pytest.raises(ConfigError, match="OFFLOAD_EMBEDDINGS=true does not combine with the long-context mode"):
         _levers(settings(max_length=65536, offload_embeddings="true"), shape, capped)
 
 
 def test_sharded_strategies_leave_the_long_context_mode_off():
     shape = speed.Shape(**LLAMA_8B)
-    p = longctx.plan(settings(max_length=131072, strategy="fsdp"), shape, H100, host_gib=120.0)
+    p = longcontext.plan(settings(max_length=131072, strategy="fsdp"), shape, H100, host_gib=120.0)
     assert not p.on and "STRATEGY=fsdp" in p.why
     levers = _levers(settings(max_length=131072, strategy="fsdp"), shape)
     assert "long-context mode" not in levers.reasons["checkpointing"]

@@ -60,7 +60,12 @@ def test_merge_parity_with_base_plus_adapter_and_gap_to_4bit(merged_output):
 
 
 def test_merged_folder_is_complete_and_loads_with_auto_classes(merged_output):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LogitsProcessor,
+    )
 
     layout = Layout(merged_output)
     merged = layout.merged

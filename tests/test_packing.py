@@ -11,7 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from job import config, model, speed
+from job import config, model
+from job.speed.attention import sequence_bounds
+from job.speed.kernels import install_lora_kernel
+from job.speed.levers import VARLEN
+from job.speed.packing import install_packing_guard
 
 TOL = 1e-4  # float32 on CPU; a leak moves the logits by whole units (the tiny model's output layer is scaled up)
 LEAK = 1.0
@@ -52,7 +56,7 @@ def alone(lm, samples) -> torch.Tensor:
 def load(settings, tiny_model, attn="sdpa", guard=True, adapter=True):
     base = model.load_model(settings, str(tiny_model), attn_implementation=attn)
     if guard:
-        speed.install_packing_guard(base)
+        install_packing_guard(base)
     if not adapter:
         return base
     from peft import get_peft_model
@@ -91,10 +95,10 @@ def test_trainer_path_keeps_samples_apart(settings, tiny_model, tiny_tokenizer, 
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("attn", ["sdpa", speed.VARLEN])
+@pytest.mark.parametrize("attn", ["sdpa", VARLEN])
 def test_the_job_trainers_loss_is_each_sample_alone(settings, tiny_model, tiny_tokenizer, samples, tmp_path, mode,
                                                       attn):
-    """The job's own loss (JobTrainer.compute_loss, TRL's fused head, the guard passing speed.NO_MASK under varlen
+    """The job's own loss (JobTrainer.compute_loss, TRL's fused head, the guard passing NO_MASK under varlen
     so that transformers builds no mask) on a padding-free batch: the loss of the samples scored one by one."""
     import datasets
     from trl import SFTConfig
@@ -121,7 +125,7 @@ def test_the_job_trainers_loss_is_each_sample_alone(settings, tiny_model, tiny_t
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager", speed.VARLEN])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_a_mask_of_ones_does_not_join_samples(settings, tiny_model, samples, mode, attn):
     lm = load(settings, tiny_model, attn=attn)
     getattr(lm, mode)()
@@ -131,7 +135,7 @@ def test_a_mask_of_ones_does_not_join_samples(settings, tiny_model, samples, mod
     assert (logits - alone(lm, samples)).abs().max() < tolerance(lm)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", speed.VARLEN])
+@pytest.mark.parametrize("attn", ["sdpa", VARLEN])
 def test_use_cache_in_eval_mode_does_not_join_samples(settings, tiny_model, samples, attn):
     lm = load(settings, tiny_model, attn=attn)
     lm.eval()  # the config's use_cache=True applies: transformers would build a cache and skip the sample mask
@@ -161,7 +165,7 @@ def test_padding_inside_a_packed_row(settings, tiny_model, samples):
 
 def test_the_fused_lora_layer_keeps_samples_apart(settings, tiny_model, samples):
     lm = load(settings, tiny_model)
-    assert speed.install_lora_kernel(lm) > 0
+    assert install_lora_kernel(lm) > 0
     lm.train()
     ids, positions = packed(samples)
     with torch.no_grad():
@@ -187,9 +191,9 @@ def test_without_the_guard_samples_leak(settings, tiny_model, samples):
 
 def test_sequence_bounds_from_position_ids():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
-    cu, longest = speed.sequence_bounds(positions, 1, 9)
+    cu, longest = sequence_bounds(positions, 1, 9)
     assert cu.tolist() == [0, 3, 5, 9] and longest == 4
     # two rows: every row start is a sample start, even when its positions continue the previous row
     rows = torch.tensor([[0, 1, 2], [3, 4, 0]])
-    cu, longest = speed.sequence_bounds(rows, 2, 3)
+    cu, longest = sequence_bounds(rows, 2, 3)
     assert cu.tolist() == [0, 3, 5, 6] and longest == 3

@@ -4,8 +4,8 @@ with injected failures; the token never leaves the client's Authorization header
 from __future__ import annotations
 
 import json
-import socket
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -14,10 +14,23 @@ import yaml
 
 from job import checkpoint, cli, config
 from job.checkpoint import Layout
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_HUB_UNREACHABLE, ConfigError, PushFailed
+from job.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_HUB_UNREACHABLE,
+    EXIT_OK,
+    ConfigError,
+    PushFailed,
+)
 from job.publish import push
 from tests.hubserver import patch_hf_client, running_hub
-from tests.jobtools import SHARD, TRAINED, copy_output, read_summary, run_job, settings_for
+from tests.jobtools import (
+    SHARD,
+    TRAINED,
+    copy_output,
+    read_summary,
+    run_job,
+    settings_for,
+)
 
 # The client itself uploads with httpx2's deprecated `data=<file>`; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

@@ -13,11 +13,20 @@ import time
 
 import pytest
 
-from tests.jobtools import (REPO, STEP_LINE, TRAINED, copy_output, job_env, read_summary, run_job, start_job,
-                            wait_for_step)
 from job import checkpoint
 from job.checkpoint import Layout
 from job.errors import EXIT_PREEMPTED
+from tests.jobtools import (
+    REPO,
+    STEP_LINE,
+    TRAINED,
+    copy_output,
+    job_env,
+    read_summary,
+    run_job,
+    start_job,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,23 @@ import torch
 
 from job import config, model, speed
 from job.errors import ConfigError
+from job.speed import device as speed_device
+from job.speed import kernels, planner
+from job.speed.device import host_budget_gib
+from job.speed.embeddings import CpuEmbedding, StreamedHead
+from job.speed.kernels import (
+    _TRITON_INTERPRET,
+    HAVE_TRITON,
+    frozen_weight,
+    install_lora_kernel,
+    install_nf4_kernel,
+    lora_layers,
+    nf4_dequantize,
+    remove_lora_kernel,
+)
+from job.speed.levers import VARLEN
+from job.speed.memory import estimate_gib, pinned_layer_bytes, usable_gib
+from job.speed.offload import LayerOffload, Offloader
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8)
@@ -38,7 +55,7 @@ def settings(**flags) -> config.Settings:
 @pytest.fixture(autouse=True)
 def liger_everywhere(monkeypatch):
     """Pretend liger supports the model type (it is not installed on CPU machines)."""
-    monkeypatch.setattr(speed, "liger_supports", lambda model_type: True)
+    monkeypatch.setattr(planner, "liger_supports", lambda model_type: True)
 
 
 # ----------------------------------------------------------------------------------------------- choices
@@ -63,12 +80,12 @@ def test_the_tiny_default_job_on_this_machine_is_cpu_friendly(tiny_model):
 
 def test_a_whole_h100_trains_without_recomputation(llama3):
     levers = speed.choose(settings(), llama3, h100(79.0), GPU_CAPS)
-    assert levers.attn_implementation == speed.VARLEN
+    assert levers.attn_implementation == VARLEN
     assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel and levers.nf4_kernel
     assert levers.checkpointing == "none" and levers.micro_batch_size == 4
     assert not levers.offload_embeddings
     assert levers.dequant_cache  # 13 GiB of 16-bit weights fit beside the activations: no dequantizing per pass
-    assert levers.estimated_peak_gib <= speed.usable_gib(79.0)
+    assert levers.estimated_peak_gib <= usable_gib(79.0)
     # on a 48 GiB card the same plan fits only without the copy; memory for activations comes first
     smaller = speed.choose(settings(), llama3, h100(48.0), GPU_CAPS)
     assert smaller.checkpointing == "none" and not smaller.dequant_cache
@@ -78,7 +95,7 @@ def test_a_whole_h100_trains_without_recomputation(llama3):
 @pytest.mark.parametrize("cap", [24.0, 16.0, 8.0])
 def test_every_cap_gets_a_plan_that_fits(llama3, cap):
     levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
-    assert levers.estimated_peak_gib <= speed.usable_gib(cap)
+    assert levers.estimated_peak_gib <= usable_gib(cap)
     assert not levers.dequant_cache  # layers are recomputed: activations get the memory
     assert levers.micro_batch_size * levers.grad_accum == 4  # the optimizer step stays the configured one
     assert "memory" not in levers.reasons  # no "nothing fits" warning
@@ -92,7 +109,7 @@ def test_capped_plans_offload_layers_instead_of_recomputing_them(llama3, cap, re
     assert (levers.checkpointing, levers.checkpoint_layers, levers.offloaded_layers) == ("partial", recomputed,
                                                                                          offloaded)
     kept = 32 - recomputed - offloaded
-    assert offloaded <= kept and levers.estimated_peak_gib <= speed.usable_gib(cap)
+    assert offloaded <= kept and levers.estimated_peak_gib <= usable_gib(cap)
     assert "pinned CPU memory" in levers.reasons["offloaded_layers"]
     never = speed.choose(settings(offload_layers=0), llama3, h100(cap), GPU_CAPS)
     assert (never.checkpoint_layers, never.offloaded_layers) == (recomputed + offloaded, 0)
@@ -104,7 +121,7 @@ def test_capped_plans_offload_layers_instead_of_recomputing_them(llama3, cap, re
 def test_offloaded_layers_fit_half_the_cpu_memory_left(llama3):
     """Each offloaded layer pins ~1.5 GiB of CPU memory (Llama-3-8B, 8192 tokens): a pod with 10 GiB to spare gets
     3 at 24 GiB instead of 8, and one with 1 GiB none; the layers not offloaded are recomputed."""
-    per_layer = speed.pinned_layer_bytes(llama3, 8192) / 2**30
+    per_layer = pinned_layer_bytes(llama3, 8192) / 2**30
     assert 1.3 < per_layer < 1.7
     for host, offloaded in ((10.0, int(5.0 // per_layer)), (1.0, 0)):
         levers = speed.choose(settings(), llama3, dataclasses.replace(h100(24.0), host_gib=host), GPU_CAPS)
@@ -118,14 +135,14 @@ def test_the_cpu_memory_left_is_the_containers(monkeypatch, tmp_path):
     import psutil
 
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    monkeypatch.setattr(speed, "CGROUP_MEMORY", ((str(limit), str(usage)),))
+    monkeypatch.setattr(speed_device, "CGROUP_MEMORY", ((str(limit), str(usage)),))
     limit.write_text("max\n"), usage.write_text(str(2 * 2**30))
     machine = psutil.virtual_memory().available / 2**30
-    assert speed.host_budget_gib() == pytest.approx(machine, rel=0.05)
+    assert host_budget_gib() == pytest.approx(machine, rel=0.05)
     limit.write_text(str(8 * 2**30))
-    assert speed.host_budget_gib() == pytest.approx(min(machine, 6.0), rel=0.05)
+    assert host_budget_gib() == pytest.approx(min(machine, 6.0), rel=0.05)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert speed.host_budget_gib() == pytest.approx(min(machine, 6.0) / 2, rel=0.05)
+    assert host_budget_gib() == pytest.approx(min(machine, 6.0) / 2, rel=0.05)
 
 
 @pytest.mark.parametrize("cap", [79.0, 12.0, 8.0])
@@ -142,7 +159,7 @@ def test_tight_caps_move_the_embeddings_to_cpu_memory(llama3, cap, head):
     levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
     assert levers.offload_embeddings and levers.offload_head == head
     assert levers.checkpointing in ("offload", "full", "partial")
-    assert levers.estimated_peak_gib <= speed.usable_gib(cap) and "memory" not in levers.reasons
+    assert levers.estimated_peak_gib <= usable_gib(cap) and "memory" not in levers.reasons
 
 
 def test_8_gib_splits_the_step_and_keeps_both_tables_on_the_gpu(llama3):
@@ -151,7 +168,7 @@ def test_8_gib_splits_the_step_and_keeps_both_tables_on_the_gpu(llama3):
     28, two H100 hosts); under 16 and 24 GiB one micro-batch of 4 stays faster (run 27)."""
     levers = speed.choose(settings(), llama3, h100(8.0), GPU_CAPS)
     assert (levers.micro_batch_size, levers.grad_accum, levers.checkpointing) == (2, 2, "offload")
-    assert not levers.offload_embeddings and levers.estimated_peak_gib <= speed.usable_gib(8.0)
+    assert not levers.offload_embeddings and levers.estimated_peak_gib <= usable_gib(8.0)
     for cap in (24.0, 16.0):
         assert speed.choose(settings(), llama3, h100(cap), GPU_CAPS).micro_batch_size == 4
 
@@ -219,7 +236,7 @@ def test_lever_settings_do_not_change_the_run_identity():
 def test_memory_estimates_match_the_h100_measurements(llama3):
     """Anchors from the H100 runs in docs/performance.md: peak reserved memory of the job's own path."""
     s = settings()
-    fused = speed.Levers(attn_implementation=speed.VARLEN, liger=True, lora_kernel=True, dropout_in_kernel=True)
+    fused = speed.Levers(attn_implementation=VARLEN, liger=True, lora_kernel=True, dropout_in_kernel=True)
     offloaded = dataclasses.replace(fused, checkpointing="offload", checkpoint_layers=32, offload_embeddings=True,
                                     offload_head=True)
     measured = [
@@ -236,7 +253,7 @@ def test_memory_estimates_match_the_h100_measurements(llama3):
         (fused, s, 4090, 25.2),
     ]
     for levers, s_, tokens, peak in measured:
-        estimate = speed.estimate_gib(llama3, s_, levers, tokens)
+        estimate = estimate_gib(llama3, s_, levers, tokens)
         assert peak * 0.9 <= estimate <= peak * 1.3, (levers, tokens, estimate, peak)
 
 
@@ -280,7 +297,7 @@ def test_the_fused_lora_layer_equals_peft(tiny_model, dropout):
         lm = adapted(s, tiny_model)
         lm.train()
         if fused:
-            assert speed.install_lora_kernel(lm) == 28  # 7 layers x 4 blocks
+            assert install_lora_kernel(lm) == 28  # 7 layers x 4 blocks
         torch.manual_seed(5)
         out = lm(input_ids=ids, labels=ids)
         out.loss.backward()
@@ -302,11 +319,11 @@ def test_the_nf4_kernel_is_for_4bit_weights_under_the_fused_layer(llama3):
 
 def test_the_nf4_kernel_leaves_weights_in_cpu_memory_to_bitsandbytes(quiet, tiny_model):
     lm = adapted(quiet, tiny_model)
-    assert speed.install_nf4_kernel(lm) == 0  # a Triton kernel: CUDA weights only
-    assert not any(layer.get_base_layer().__dict__.get("_job_nf4_kernel") for layer in speed.lora_layers(lm))
+    assert install_nf4_kernel(lm) == 0  # a Triton kernel: CUDA weights only
+    assert not any(layer.get_base_layer().__dict__.get("_job_nf4_kernel") for layer in lora_layers(lm))
 
 
-@pytest.mark.skipif(not (speed.HAVE_TRITON and speed._TRITON_INTERPRET),
+@pytest.mark.skipif(not (HAVE_TRITON and _TRITON_INTERPRET),
                     reason="runs the kernel in Triton's CPU interpreter (TRITON_INTERPRET=1, Triton installed); the "
                     "GPU bench's self-check compares it with bitsandbytes on every run")
 @pytest.mark.parametrize("nested, storage", [(True, torch.uint8), (False, torch.uint8), (True, torch.bfloat16)])
@@ -315,24 +332,24 @@ def test_the_nf4_kernel_dequantizes_as_bitsandbytes_does(monkeypatch, nested, st
     whose last program covers a partial tile; bytes stored as bf16, as the job loads them."""
     import bitsandbytes.functional as bnbf
 
-    monkeypatch.setattr(speed, "NF4_BLOCK", 64)
+    monkeypatch.setattr(kernels, "NF4_BLOCK", 64)
     weight = torch.randn((3, 96), generator=torch.Generator().manual_seed(0)) * 0.02
     data, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4",
                                      quant_storage=storage)
     assert data.dtype == storage
-    assert torch.equal(speed.nf4_dequantize(data, state), bnbf.dequantize_4bit(data, state))
+    assert torch.equal(nf4_dequantize(data, state), bnbf.dequantize_4bit(data, state))
 
 
 def test_the_fused_lora_layer_steps_aside_when_adapters_are_off(quiet, tiny_model):
     lm = adapted(quiet, tiny_model)
     lm.train()  # dropout is 0; train mode keeps bitsandbytes' CPU bf16 inference repacking out of the comparison
-    speed.install_lora_kernel(lm)
+    install_lora_kernel(lm)
     ids = torch.randint(5, 500, (1, 9))
     with torch.no_grad():
         with lm.disable_adapter():
             off = lm(input_ids=ids).logits
         on = lm(input_ids=ids).logits
-        speed.remove_lora_kernel(lm)
+        remove_lora_kernel(lm)
         with lm.disable_adapter():
             reference = lm(input_ids=ids).logits
     assert (off - reference).abs().max() < 1e-4 and (on - off).abs().max() > 1e-3
@@ -356,10 +373,10 @@ def test_offloaded_embeddings_give_the_same_loss_and_gradients(quiet, tiny_model
         lm = get_peft_model(base, model.lora_config(quiet, base))
         add_fused_lm_head(lm.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
         speed.prepare_adapted(lm, levers)
-        assert isinstance(lm.get_base_model().get_input_embeddings(), speed.CpuEmbedding) == offload
+        assert isinstance(lm.get_base_model().get_input_embeddings(), CpuEmbedding) == offload
         if head:
             output = lm.get_base_model().get_output_embeddings()
-            assert isinstance(output, speed.StreamedHead)
+            assert isinstance(output, StreamedHead)
             output.chunk = 300  # several chunks of the tiny vocabulary
         out = lm(input_ids=ids, labels=labels, fused_lm_head=True)
         out.loss.backward()
@@ -417,13 +434,13 @@ def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, m
 
     ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
     dequantized: dict[int, int] = {}
-    original = speed.frozen_weight
+    original = frozen_weight
 
     def counting(base, dtype):
         dequantized[id(base)] = dequantized.get(id(base), 0) + 1
         return original(base, dtype)
 
-    monkeypatch.setattr(speed, "frozen_weight", counting)
+    monkeypatch.setattr(kernels, "frozen_weight", counting)
     results = []
     for levers in (speed.Levers(lora_kernel=True),
                    speed.Levers(lora_kernel=True, checkpointing=checkpointing, checkpoint_layers=count, tokens=40)):
@@ -497,9 +514,8 @@ def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model, checkpointing,
 def test_a_tensor_saved_twice_in_a_layer_is_offloaded_once():
     """q, k and v's projections save one input: it crosses PCIe once, and every unpack returns the same data; a
     transposed view goes as the dense tensor under it and comes back with its strides."""
-    from job import longctx
 
-    store = longctx.Offloader(torch.device("cpu"), simulate=True)
+    store = Offloader(torch.device("cpu"), simulate=True)
 
     class Three(torch.nn.Module):
         def __init__(self):
@@ -511,7 +527,7 @@ def test_a_tensor_saved_twice_in_a_layer_is_offloaded_once():
             return self.q(x) + self.k(x) + self.v(x), torch.mm(self.q.weight, x.t())  # and a transposed one
 
     three = Three()
-    mode = longctx.LayerOffload([three], [0], [], store, pool_bytes=0)
+    mode = LayerOffload([three], [0], [], store, pool_bytes=0)
     x = torch.randn(4, 8, requires_grad=True)
     out, transposed = three(x)
     (out.sum() + (transposed * torch.arange(4.0)).sum()).backward()
@@ -532,7 +548,7 @@ def curve(s, tiny_model, tokenizer, fast: bool, steps: int) -> list[float]:
     prepared = data.prepare(s, tokenizer, "llama")
     rows = prepared.train
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
-    attn = speed.VARLEN if fast else "sdpa"
+    attn = VARLEN if fast else "sdpa"
     base = model.load_model(s, str(tiny_model), attn_implementation=attn)
     levers = speed.Levers(attn_implementation=attn, lora_kernel=fast,
                           checkpointing="partial" if fast else "none", checkpoint_layers=2 if fast else 0)
@@ -589,7 +605,7 @@ def test_the_fast_path_trains_like_the_plain_path(tiny_model, tiny_tokenizer):
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_sharded_strategies_keep_the_levers_that_do_not_touch_the_weights(llama3, strategy):
     levers = speed.choose(settings(strategy=strategy), llama3, h100(8.0), GPU_CAPS)
-    assert levers.attn_implementation == speed.VARLEN and levers.liger  # activations only: kept
+    assert levers.attn_implementation == VARLEN and levers.liger  # activations only: kept
     assert not levers.lora_kernel and not levers.offload_embeddings and not levers.dequant_cache
     assert f"STRATEGY={strategy}" in levers.reasons["lora_kernel"]
     assert speed.choose(settings(strategy="ddp"), llama3, h100(8.0), GPU_CAPS).lora_kernel

@@ -14,7 +14,16 @@ import pytest
 from job import checkpoint
 from job.checkpoint import Layout
 from job.errors import EXIT_BAD_INPUT
-from tests.jobtools import REPO, TRAINED, copy_output, job_env, read_summary, run_job, start_job, wait_for_step
+from tests.jobtools import (
+    REPO,
+    TRAINED,
+    copy_output,
+    job_env,
+    read_summary,
+    run_job,
+    start_job,
+    wait_for_step,
+)
 
 
 def _can_mount() -> bool:

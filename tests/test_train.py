@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tests.jobtools import read_summary, run_job
 from job import checkpoint
 from job.checkpoint import Layout
+from tests.jobtools import read_summary, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +87,9 @@ def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, overrides=(), callbacks=
     """The job's trainer on the tiny model and bench-style rows, nothing saved."""
     from transformers import AutoConfig
 
+    from job import config as job_config
     from job import speed
     from job.bench import workload
-    from job import config as job_config
     from job.trainer import build_trainer
 
     s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256,

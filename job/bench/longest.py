@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from job import longctx
 from job.bench.workload import build_model, log
+from job.speed.modules import hf_model
 
 GiB = 2**30
 
@@ -126,7 +126,7 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
             result["device"] = torch.cuda.get_device_name()
         result["peak_host_gib"] = round(peak_rss[0] / GiB, 2)
         if trainer is not None:
-            mode_obj = getattr(longctx.hf_model(trainer.model), "_longctx", None)
+            mode_obj = getattr(hf_model(trainer.model), "_longctx", None)
             if mode_obj is not None:
                 result["pinned_gib"] = round(mode_obj.store.pinned_bytes / GiB, 2)
                 result["pin_s"] = round(mode_obj.store.pin_seconds, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -166,6 +167,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
 
     from job import config as job_config
     from job import speed
+    from job.speed.planner import StepModel
     from job.trainer import JobTrainer, build_trainer, fixed_steps, stock_trainer
 
     recipe = phase.stock.describe(opts.max_length) if phase.stock else "job defaults"
@@ -196,12 +198,7 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
                 s = job_config.load(flags, environ={k: v for k, v in os.environ.items()
                                                     if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
                                                              if f.metadata["group"] in ("speed", "model")}})
-                saved = {name: getattr(speed, name) for name in phase.step_model}
-                vars(speed).update(phase.step_model)
-                try:
-                    levers = speed.plan(s, cfg)
-                finally:
-                    vars(speed).update(saved)
+                levers = speed.plan(s, cfg, step=dataclasses.replace(StepModel(), **phase.step_model))
                 result.levers = levers.summary()
                 result.rows_per_step = levers.micro_batch_size * levers.grad_accum
                 log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -62,7 +63,7 @@ class Phase:
     overrides: dict = field(default_factory=dict)   # job settings (field names) on top of the defaults
     cap_gib: float = 0.0
     profile: bool = False                      # profile two steps after warm-up (their timing is then not clean)
-    step_model: dict = field(default_factory=dict)  # job.speed's step-model constants the plan is made with
+    step_model: dict = field(default_factory=dict)  # StepModel fields the plan is made with (job.speed.planner)
 
 
 # Each lever of the job's path changed on its own, for docs/performance.md (`--levers`), beside the job's phase it
@@ -112,15 +113,9 @@ class Options:
     out: str = ""
 
 
-# job.speed's step-model constants a --variant may change ('speed.CPU_TOKENS=6000'): the plan an older fit chose,
-# timed beside today's
-STEP_MODEL = ("CPU_TOKENS", "RECOMPUTE_GPU", "RECOMPUTE_CPU", "OFFLOAD_COST", "HEAD_STREAM_TOKENS",
-              "INPUT_GATHER_TOKENS")
-
-
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'name:KEY=VALUE,KEY=VALUE' (keys as environment variables or field names, or speed.CONSTANT of STEP_MODEL)
-    -> (name, {field or speed.CONSTANT: value})."""
+    """'name:KEY=VALUE,KEY=VALUE' (keys as environment variables or field names, or step.FIELD of the planner's
+    StepModel) -> (name, {field or step.FIELD: value})."""
     from job import config as job_config
 
     name, _, body = text.partition(":")
@@ -129,9 +124,12 @@ def parse_variant(text: str) -> tuple[str, dict]:
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if key.startswith("speed."):
-            if key.removeprefix("speed.") not in STEP_MODEL:
-                raise ValueError(f"--variant {text!r}: {key!r} is not one of speed.{', speed.'.join(STEP_MODEL)}")
+        if key.startswith("step."):
+            from job.speed.planner import StepModel
+
+            fields = [f.name for f in dataclasses.fields(StepModel)]
+            if key.removeprefix("step.") not in fields:
+                raise ValueError(f"--variant {text!r}: {key!r} is not one of step.{', step.'.join(fields)}")
             overrides[key] = float(value)
             continue
         field_name = by_env.get(key, key.lower())
@@ -153,8 +151,8 @@ def plan_phases(opts: Options) -> list[Phase]:
         else:
             raise ValueError(f"unknown phase {name!r}: use tutorial, stock, job")
     for name, overrides in opts.variants:
-        step_model = {k.removeprefix("speed."): v for k, v in overrides.items() if k.startswith("speed.")}
-        settings = {k: v for k, v in overrides.items() if not k.startswith("speed.")}
+        step_model = {k.removeprefix("step."): v for k, v in overrides.items() if k.startswith("step.")}
+        settings = {k: v for k, v in overrides.items() if not k.startswith("step.")}
         phases.append(Phase(name, "job", overrides=settings, profile="profile" in name,
                             cap_gib=float(settings.get("gpu_memory_gib", 0)), step_model=step_model))
     return phases

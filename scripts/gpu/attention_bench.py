@@ -8,9 +8,9 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.varlen import varlen_attn
-import torch.nn.functional as F
 
 
 def timed(fn, repeat=3):

@@ -250,7 +250,12 @@ def build_model(shape_name: str, dest: Path, tiny: bool) -> None:
     bfloat16), generation_config.json and the tokenizer. Built in bf16 on the GPU when there is one: no fp32
     copy of an 8B model is ever made, and initialising there takes seconds."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     shape = SHAPES[shape_name]
     build_tokenizers(WORK / "tokenizers")

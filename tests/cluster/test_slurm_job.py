@@ -24,9 +24,8 @@ import time
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from slurm import missing_requirements, slurm_cluster  # noqa: E402
-
 from job.launch import expand_hostlist  # noqa: E402
+from slurm import missing_requirements, slurm_cluster  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "train.sbatch"
