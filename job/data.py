@@ -10,6 +10,8 @@ row named, and so the loss mask and EOS handling are ours to check.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -488,13 +490,22 @@ def chat_template_for(s: Settings, tokenizer, model_type: str) -> str:
 def render(messages: list[dict] | str, tokenizer, template: str, tools: list[dict] | None = None,
            prompt_turns: int = 0) -> list[tuple[str, bool]]:
     """Text segments with whether each is trained on: assistant turns are (those among the first prompt_turns
-    excepted), everything else is not.
+    excepted), everything else is not. Joined, they are the template's rendering of the whole conversation: what the
+    model sees at inference when the conversation reaches its last turn.
 
-    Each assistant turn is the difference between the conversation rendered through it and the
-    prompt rendered up to it, so any chat template works, not only the named ones.
+    Most templates render a conversation as growing prefixes, which locates the answers of any template, not only
+    the named ones; the answers of the others are located by markers (marked_answers).
     """
     if isinstance(messages, str):
         return [(tokenizer.bos_token or "", False), (messages + tokenizer.eos_token, True)]
+    segments = growing_prefixes(messages, tokenizer, template, tools, prompt_turns)
+    return segments if segments is not None else marked_answers(messages, tokenizer, template, tools, prompt_turns)
+
+
+def growing_prefixes(messages: list[dict], tokenizer, template: str, tools: list[dict] | None,
+                     prompt_turns: int) -> list[tuple[str, bool]] | None:
+    """Each assistant turn as the difference between the conversation rendered through it and the prompt rendered
+    up to it; None where the template renders a turn differently once more turns follow it."""
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -504,11 +515,92 @@ def render(messages: list[dict] | str, tokenizer, template: str, tools: list[dic
         through = tokenizer.apply_chat_template(messages[: i + 1], chat_template=template, tools=tools,
                                                 tokenize=False)
         if not (prompt.startswith(done) and through.startswith(prompt)):
-            raise ConfigError("PROMPT_FORMAT: the chat template does not render conversations as growing "
-                              "prefixes, so answers cannot be located; choose a named format")
+            return None
         segments += [(prompt[len(done):], False), (through[len(prompt):], i >= prompt_turns)]
         done = through
     return segments
+
+
+# How a user makes any template's answers locatable; the markers render nothing, so the template still serves inference.
+MARK_ANSWERS = ("mark each answer in a copy of the template with {% generation %} ... {% endgeneration %}, as TRL's "
+                "training templates do, and set CHAT_TEMPLATE_FILE to that file")
+
+
+def marked_answers(messages: list[dict], tokenizer, template: str, tools: list[dict] | None,
+                   prompt_turns: int) -> list[tuple[str, bool]]:
+    """Segments for a template that does not render growing prefixes (Qwen3's and gpt-oss's drop the reasoning of
+    earlier answers, Phi-3's ends only the last answer with EOS, gpt-oss's ends it with <|return|> where earlier ones
+    end with <|end|>, DeepSeek-R1's generation prompt opens a <think> block that its answers lack): the whole
+    conversation as the template renders it, cut where a marked copy of the template puts the answers. Each answer
+    starts where the model's prompt for that turn ends, as under growing prefixes: TRL's copies also mark what the
+    prompt already holds (gpt-oss's `<|start|>assistant`, DeepSeek-R1's `<｜Assistant｜>`), which the model never
+    writes."""
+    marked = marked_template(template, tokenizer)
+    if marked is None:
+        raise ConfigError("the chat template renders a turn differently once more turns follow it, so its answers "
+                          "cannot be told from its prompts, and TRL ships no copy of it with the answers marked: "
+                          + MARK_ANSWERS)
+    whole = tokenizer.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=False)
+    spans = answer_spans(whole, *render_marked(messages, tokenizer, marked, tools))
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if len(spans) != len(turns):
+        raise ConfigError(f"the chat template's marked copy (its own markers, or TRL's training copy of it) marks "
+                          f"{len(spans)} answers in a conversation of {len(turns)} assistant turns: " + MARK_ANSWERS)
+    segments, done = [], 0
+    for i, (start, end) in zip(turns, spans):
+        prompt = tokenizer.apply_chat_template(messages[:i], chat_template=template, tools=tools, tokenize=False,
+                                               add_generation_prompt=True)
+        start = max(start, min(end, len(os.path.commonprefix([whole, prompt]))))  # the prompt's part is not trained
+        segments += [(whole[done:start], False), (whole[start:end], i >= prompt_turns)]
+        done = end
+    return segments + [(whole[done:], False)]
+
+
+@functools.lru_cache(maxsize=8)
+def marked_template(template: str, tokenizer) -> str | None:
+    """The chat template with its answers marked by {% generation %}: the template itself where it has the markers,
+    else the training copy TRL ships of it (of Qwen3's, DeepSeek-R1's, Phi-3's, gpt-oss's and more, known by their
+    text), else None. It only locates answers: the template that renders the data and is saved stays the model's."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(template):
+        return template
+    carrier = copy.copy(tokenizer)  # TRL's lookup reads the template off a tokenizer
+    carrier.chat_template = template
+    try:
+        return get_training_chat_template(carrier)
+    except ValueError:  # TRL ships no copy of this template
+        return None
+
+
+def render_marked(messages: list[dict], tokenizer, marked: str,
+                  tools: list[dict] | None) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered with a marked template, and where its marked blocks are in the text (blocks that
+    touch, such as Phi-3's last answer and the EOS after it, as one)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    # apply_chat_template tells the marked blocks as a mask of tokens only; the renderer under it tells characters
+    texts, blocks = render_jinja_template([messages], tools=tools, chat_template=marked,
+                                          return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    spans = []
+    for start, end in blocks[0]:
+        if spans and spans[-1][1] == start:
+            start = spans.pop()[0]
+        spans.append((start, end))
+    return texts[0], spans
+
+
+def answer_spans(whole: str, marked: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where the marked rendering's answers lie in the template's own rendering. A marked copy may render answers
+    differently (TRL's copy of Qwen3's keeps the reasoning that Qwen3's drops from earlier answers) but not what lies
+    between them, so the own rendering is matched to those pieces, in order, with an answer between each two."""
+    ends, starts = [0] + [end for _, end in spans], [start for start, _ in spans] + [len(marked)]
+    pieces = [marked[end:start] for end, start in zip(ends, starts)]
+    match = re.fullmatch("(.*?)".join(map(re.escape, pieces)), whole, flags=re.DOTALL)
+    if match is None:
+        raise ConfigError("the chat template's marked copy (its own markers, or TRL's training copy of it) renders "
+                          "the prompts differently from the template: " + MARK_ANSWERS)
+    return [match.span(group) for group in range(1, len(pieces))]
 
 
 def render_row(row: Row, chat: Chat | str, tokenizer, template: str, format_name: str,
@@ -528,6 +620,8 @@ def render_row(row: Row, chat: Chat | str, tokenizer, template: str, format_name
         segments = render(chat.messages, tokenizer, template, chat.tools, chat.prompt_turns)
     except TemplateSyntaxError as error:  # the template itself is broken: every row would fail
         raise ConfigError(f"{template_setting(s)}: the chat template does not parse: {error}") from None
+    except ConfigError as error:  # the template's answers cannot be located: its fault, not the row's
+        raise ConfigError(f"{template_setting(s)}: {error}") from None
     except (TemplateError, TypeError) as error:  # raise_exception(...) in strict templates, or a failed operation
         raise DataError(f"{row.where}: the chat template ({template_setting(s)}) refuses this row: "
                         f"{error}") from None

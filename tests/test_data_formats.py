@@ -1,10 +1,14 @@
 """Data as TRL, axolotl and LLaMA-Factory users bring it (issue 31): ShareGPT turns, content blocks, tools and tool
-turns, conversational prompt/completion, column and role maps; and rows a chat template refuses, which are bad rows
-named by file:line like any other (issue 29), under every prompt format alike."""
+turns, conversational prompt/completion, column and role maps; multi-turn conversations under the chat templates of the
+models users fine-tune; and rows a chat template refuses, which are bad rows named by file:line like any other
+(issue 29), under every prompt format alike."""
 
+import importlib.resources
+import itertools
 import json
 import re
 import shutil
+from typing import NamedTuple
 
 import pytest
 
@@ -173,6 +177,126 @@ def test_a_row_the_template_refuses_is_a_bad_row_naming_file_and_line(tmp_path, 
 def test_a_template_that_does_not_parse_is_a_settings_error(tmp_path, tiny_tokenizer):
     with pytest.raises(ConfigError, match="the chat template does not parse"):
         data.prepare(make(tmp_path, [PLAIN]), with_template(tiny_tokenizer, "{% for m in messages %}"), "llama")
+
+
+# The chat templates of the models users fine-tune, as the models ship them: TRL's copies (TRL knows a model's template
+# by comparing it with these), and Mistral's, of which TRL ships none.
+TRL_TEMPLATES = importlib.resources.files("trl") / "chat_templates"
+
+
+def trl_template(name: str) -> str:
+    return (TRL_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+# From mistralai/Mistral-7B-Instruct-v0.2's tokenizer_config.json (chat_template).
+MISTRAL_INSTRUCT = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+TWO_TURNS = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}]}
+
+
+class Model(NamedTuple):
+    template: str
+    special_tokens: dict  # those the template writes, for the tiny tokenizer to keep whole
+    answers: list[str]  # TWO_TURNS's, as the model writes them after its generation prompt, to the end of its turn
+
+
+# Qwen3's last answer opens with the (empty) reasoning block it writes, gpt-oss's answers with their channel; Phi-3's
+# last answer ends with EOS, gpt-oss's with <|return|>.
+MODELS = {
+    "llama-3": Model(trl_template("llama3"), {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                              "additional_special_tokens": ["<|start_header_id|>",
+                                                                            "<|end_header_id|>"]},
+                     ["A1<|eot_id|>", "A2<|eot_id|>"]),
+    "mistral": Model(MISTRAL_INSTRUCT, {}, ["A1</s>", "A2</s>"]),
+    "qwen2.5": Model(trl_template("qwen2_5"), {"eos_token": "<|im_end|>"}, ["A1<|im_end|>\n", "A2<|im_end|>\n"]),
+    "qwen3": Model(trl_template("qwen3"), {"eos_token": "<|im_end|>",
+                                           "additional_special_tokens": ["<think>", "</think>"]},
+                   ["A1<|im_end|>\n", "<think>\n\n</think>\n\nA2<|im_end|>\n"]),
+    "deepseek-r1-distill": Model(trl_template("deepseek_r1_distill"),
+                                 {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                                  "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]},
+                                 ["A1<｜end▁of▁sentence｜>", "A2<｜end▁of▁sentence｜>"]),
+    "phi-3": Model(trl_template("phi3"), {"eos_token": "<|endoftext|>", "additional_special_tokens": [
+                       "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]},
+                   ["A1<|end|>\n", "A2<|end|>\n<|endoftext|>"]),
+    "gemma-2": Model(trl_template("gemma"), {"bos_token": "<bos>", "eos_token": "<eos>",
+                                             "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+                     ["A1<end_of_turn>\n", "A2<end_of_turn>\n"]),
+    "gpt-oss": Model(trl_template("gptoss"), {"eos_token": "<|return|>", "additional_special_tokens": [
+                         "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|constrain|>"]},
+                     ["<|channel|>final<|message|>A1<|end|>", "<|channel|>final<|message|>A2<|return|>"]),
+}
+
+
+def model_tokenizer(tokenizer, model, template=None):
+    """A copy of the tiny tokenizer carrying the model's chat template (or `template`) and its special tokens."""
+    copy = with_template(tokenizer, template or MODELS[model].template)
+    copy.add_special_tokens(MODELS[model].special_tokens)
+    return copy
+
+
+def trained_runs(prepared, tokenizer) -> list[str]:
+    """The first row's runs of trained tokens, decoded: one per answer."""
+    row = prepared.train[0]
+    return [tokenizer.decode([token for token, _ in run])
+            for trained, run in itertools.groupby(zip(row["input_ids"], row["labels"]), lambda pair: pair[1] != -100)
+            if trained]
+
+
+@pytest.mark.parametrize("loss_on", ["answers", "last_answer", "everything"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_two_turns_train_on_the_answers_of_each_models_own_template(tmp_path, tiny_tokenizer, model, loss_on):
+    """The tokens are the template's rendering of the whole conversation (what the model sees at inference in its last
+    turn) and the loss covers what the model writes. Before: Qwen3's, DeepSeek-R1-distill's, Phi-3's and gpt-oss's
+    templates render an earlier answer differently once another turn follows (without its reasoning, without EOS, with
+    <|end|> for <|return|>) or prompt with a <think> their answers lack, and the job stopped (exit 2)."""
+    tokenizer = model_tokenizer(tiny_tokenizer, model)
+    prepared = data.prepare(make(tmp_path, [TWO_TURNS] * 2, LOSS_ON=loss_on), tokenizer, "llama")
+    whole = tokenizer.apply_chat_template(TWO_TURNS["messages"], tokenize=False)
+    assert prepared.train[0]["input_ids"] == tokenizer(whole, add_special_tokens=False)["input_ids"]
+    answers = MODELS[model].answers
+    assert trained_runs(prepared, tokenizer) == {"answers": answers, "last_answer": answers[-1:],
+                                                 "everything": [whole]}[loss_on]
+    assert prepared.chat_template == MODELS[model].template  # saved with the model: its own, not a marked copy
+
+
+def test_a_completion_after_turns_is_trained_alone_under_a_template_that_does_not_grow(tmp_path, tiny_tokenizer):
+    """The answer in the prompt is context, as under templates that grow."""
+    tokenizer = model_tokenizer(tiny_tokenizer, "qwen3")
+    row = {"prompt": TWO_TURNS["messages"][:-1], "completion": TWO_TURNS["messages"][-1:]}
+    prepared = data.prepare(make(tmp_path, [row] * 2), tokenizer, "llama")
+    assert trained_runs(prepared, tokenizer) == MODELS["qwen3"].answers[-1:]
+
+
+def test_a_tool_call_and_the_answer_after_its_result_train_under_qwen3s_template(tmp_path, tiny_tokenizer):
+    """Qwen3's template writes the reasoning block into the call's turn only while that turn is the last."""
+    tokenizer = model_tokenizer(tiny_tokenizer, "qwen3")
+    prepared = data.prepare(make(tmp_path, [TOOL_ROW] * 2), tokenizer, "llama")
+    assert trained_runs(prepared, tokenizer) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call><|im_end|>\n',
+        "<think>\n\n</think>\n\nClear skies in Seoul.<|im_end|>\n"]
+
+
+def test_a_template_that_does_not_grow_and_that_trl_does_not_know_names_the_fix(tmp_path, tiny_tokenizer):
+    """Before: "choose a named format", the wrong fix for a model with a template of its own. The fix it names: a copy
+    of the template with the answers marked (here TRL's copy of Phi-3's) as CHAT_TEMPLATE_FILE."""
+    edited = "{#- a user's edit: TRL no longer knows it -#}\n" + MODELS["phi-3"].template
+    tokenizer = model_tokenizer(tiny_tokenizer, "phi-3", edited)
+    with pytest.raises(ConfigError, match=r"PROMPT_FORMAT=auto: the chat template renders a turn differently once "
+                                          r"more turns follow it.*\{% generation %\}.*CHAT_TEMPLATE_FILE") as error:
+        data.prepare(make(tmp_path, [TWO_TURNS]), tokenizer, "llama")
+    assert "named format" not in str(error.value)
+    marked = tmp_path / "phi3-marked.jinja"
+    marked.write_text(trl_template("phi3_training"), encoding="utf-8")
+    prepared = data.prepare(make(tmp_path, [TWO_TURNS] * 2, CHAT_TEMPLATE_FILE=str(marked)), tokenizer, "llama")
+    assert trained_runs(prepared, tokenizer) == MODELS["phi-3"].answers
+    assert prepared.chat_template == marked.read_text(encoding="utf-8")
 
 
 def test_every_row_bad_and_skipped_says_so(tmp_path, tiny_tokenizer):
