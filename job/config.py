@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -37,12 +38,12 @@ ALIASES = {
     "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
     "max_seq_length": "max_length", "sequence_len": "max_length", "lr_scheduler_type": "lr_scheduler",
     "sample_packing": "packing", "lora_rank": "lora_r", "dataset_config_name": "dataset_config",
+    "datasets": "dataset",  # TRL's and axolotl's list of datasets: each entry a source of the mix (SOURCE_KEYS)
 }
 # Names other tools use for something the job spells differently or does not have: what to write instead.
 FOREIGN = {
     "batch_size": "MICRO_BATCH_SIZE (rows per device a step) or GLOBAL_BATCH_SIZE (rows per optimizer step)",
     "model": "BASE_MODEL", "model_name": "BASE_MODEL", "model_id": "BASE_MODEL", "base_model_id": "BASE_MODEL",
-    "datasets": "DATASET (one dataset; COLUMN_MAP and ROLE_MAP rename its columns and roles)",
     "lr": "LEARNING_RATE", "epoch": "EPOCHS", "load_in_4bit": "QUANTIZATION=nf4 (the default)",
     "load_in_8bit": "QUANTIZATION=int8", "adapter": "nothing: LoRA is the job's adapter (USE_DORA=true for DoRA)",
     "lora_target_linear": "LORA_TARGET_MODULES=all-linear (the default)", "val_set_size": "EVAL_FRACTION",
@@ -92,7 +93,15 @@ class Settings:
     base_model: str = setting(BUILTIN_MODEL, "Hub id or local directory of the base model; the default is a tiny "
                               "Llama the job builds itself (no download).", group="inputs")
     dataset: str = setting(BUILTIN_DATASET, "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or "
-                           "directory of them; the default is a small bundled task set.", group="inputs")
+                           "directory of them; the default is a small bundled task set. Several are mixed: "
+                           "comma-separated PATH:WEIGHT (org/a:0.7,data/b.jsonl:0.3), or a YAML/JSON list of "
+                           "{path, weight, split, config, revision} (split, config and revision override "
+                           "DATASET_SPLIT, DATASET_CONFIG and DATASET_REVISION for that source). A weight is the "
+                           "source's share of the training rows, which number as many as all sources hold "
+                           "together: a source is drawn without repeats (with SEED) up to its size and repeated "
+                           "beyond it; no weights train on every row of every source. Each source's format is "
+                           "detected on its own; COLUMN_MAP and ROLE_MAP apply to all; evaluation rows come from "
+                           "each source's EVAL_SPLIT, else its EVAL_FRACTION.", group="inputs")
     dataset_config: str | None = setting(None, "Hub dataset configuration name.", group="inputs")
     dataset_revision: str | None = setting(None, "Branch, tag or commit of a Hub dataset, so a rerun reads the same "
                                            "rows.", group="inputs")
@@ -309,7 +318,9 @@ def parse_value(f: dataclasses.Field, raw, source: str):
             return None
         raise ConfigError(f"{name} ({source}): a value is required")
     kind = value_type(f)
-    if kind is str and isinstance(raw, (list, tuple)):  # YAML: lora_target_modules: [q_proj, v_proj]
+    if f.name == "dataset" and isinstance(raw, (list, dict)):  # YAML: dataset: [{path: ..., weight: ...}, ...]
+        raw = json.dumps(raw, ensure_ascii=False)
+    elif kind is str and isinstance(raw, (list, tuple)):  # YAML: lora_target_modules: [q_proj, v_proj]
         raw = ",".join(str(item).strip() for item in raw)
     elif kind is str and isinstance(raw, dict):  # YAML: role_map: {bot: assistant}; trainer_args: {...}
         raw = (json.dumps(raw) if f.name == "trainer_args"
@@ -524,6 +535,7 @@ def validate(s: Settings) -> list[str]:
         else:
             problems += [f"TRAINER_ARGS: {key} is set by the job; use {OWNED_ARGUMENTS[key]}"
                          for key in extra if key in OWNED_ARGUMENTS]
+    problems += parse_sources(s.dataset)[1]
     trackers = {t.strip() for t in s.report_to.split(",")}
     need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
          "must be a comma-separated subset of tensorboard, wandb, mlflow, none")
@@ -584,6 +596,108 @@ def trainer_args(s: Settings) -> dict:
 def name_pairs(text: str) -> dict[str, str]:
     """COLUMN_MAP / ROLE_MAP: 'a=b, c=d' -> {'a': 'b', 'c': 'd'} (checked against NAME_PAIRS by validate)."""
     return dict((side.strip() for side in pair.split("=")) for pair in text.split(","))
+
+
+# The keys of a source in the list form of DATASET, and what other tools' keys for a dataset are here.
+SOURCE_KEYS = ("path", "weight", "split", "config", "revision")
+SOURCE_FOREIGN = {
+    "fraction": "weight: TRL's fraction never repeats rows, so it shrinks the mix to what the smallest share "
+                "allows; a weight repeats a small source to reach its share",
+    "name": "config (the dataset configuration)",
+    "type": "nothing: DATA_FORMAT=auto detects each source's format, and COLUMN_MAP renames columns",
+    "data_files": "path (a file, or a directory of them)",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of DATASET: where it is, its share of the mix, and its own split, configuration or revision
+    where it has one (else DATASET_SPLIT, DATASET_CONFIG and DATASET_REVISION)."""
+    path: str
+    weight: float | None = None
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+
+    def alone(self, s: Settings) -> Settings:
+        """The settings as if this source were the whole DATASET, so it is read, split, fingerprinted and named in
+        messages as a single dataset is."""
+        return dataclasses.replace(s, dataset=self.path, dataset_split=self.split or s.dataset_split,
+                                   dataset_config=self.config or s.dataset_config,
+                                   dataset_revision=self.revision or s.dataset_revision)
+
+
+def sources(s: Settings) -> list[Source]:
+    """The datasets DATASET mixes (one for a single dataset)."""
+    found, problems = parse_sources(s.dataset)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return found
+
+
+def parse_sources(text: str) -> tuple[list[Source], list[str]]:
+    """DATASET as its sources, and every problem with it, each naming the setting and the source.
+
+    A list (YAML or JSON: a YAML file's `dataset:` list arrives as JSON) holds mappings of SOURCE_KEYS or short
+    items. Otherwise the text is comma-separated short items, `path` or `path:weight`, the weight after the last
+    colon: Hub ids hold no comma or colon, builtin:tasks is a name, and a path that holds one needs the list form."""
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            items = yaml.safe_load(stripped)
+        except yaml.YAMLError as error:
+            return [], [f"DATASET={text!r}: not a YAML or JSON list of sources: {error}"]
+        items = [items] if isinstance(items, dict) else items
+        if not isinstance(items, list) or not items:
+            return [], [f"DATASET={text!r}: expected a non-empty list of sources"]
+    else:
+        items = stripped.split(",")
+    found, problems = [], []
+    for number, item in enumerate(items, start=1):
+        try:
+            found.append(_source(item))
+        except ValueError as error:
+            problems.append(f"DATASET source {number} ({item!r}): {error}")
+    weighted = [source.weight is not None for source in found]
+    if len(found) > 1 and any(weighted) and not all(weighted):
+        problems.append("DATASET: give every source a weight, or none (then every row of every source is trained on)")
+    if len(found) == 1 and all(weighted):
+        problems.append(f"DATASET={text!r}: a weight is a source's share of a mix of several; one source is the "
+                        "whole of it: remove the weight")
+    return found, problems
+
+
+def _source(item) -> Source:
+    """One item of DATASET as a Source; ValueError says what is wrong with it."""
+    if isinstance(item, str):
+        item = item.strip()
+        path, colon, weight = item.rpartition(":")
+        item = {"path": path, "weight": weight} if colon and item != BUILTIN_DATASET else {"path": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"expected a path or a mapping of {', '.join(SOURCE_KEYS)}")
+    for key in item:
+        if key not in SOURCE_KEYS:
+            raise ValueError(f"{key!r} is not a key of a source; use " + SOURCE_FOREIGN.get(
+                key, f"one of {', '.join(SOURCE_KEYS)}"))
+    path = item.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("no path")
+    overrides = {key: str(item[key]).strip() for key in ("split", "config", "revision") if item.get(key) is not None}
+    return Source(path.strip(), _weight(item.get("weight")), **overrides)
+
+
+def _weight(raw) -> float | None:
+    if raw is None:
+        return None
+    try:
+        if isinstance(raw, bool):  # YAML's yes/no would pass as 1 and 0
+            raise ValueError
+        weight = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"the weight {raw!r} is not a number") from None
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"the weight {raw!r} must be a positive number (leave the source out to skip it)")
+    return weight
 
 
 def to_json(s: Settings) -> str:

@@ -1,9 +1,10 @@
 """From a dataset (hub id, local files or the bundled set) to tokenized rows with loss masks.
 
-Steps: read rows (each with a file:line location for error messages) -> turn each into a
-conversation according to DATA_FORMAT -> render it with the prompt format's chat template into
-prompt/answer segments -> tokenize, labelling only answer tokens (the end-of-turn token included,
-so the model learns to stop) -> split off evaluation rows -> cache on OUTPUT_DIR for every rank.
+Steps, for each source of DATASET: read rows (each with a file:line location for error messages) ->
+turn each into a conversation according to DATA_FORMAT -> render it with the prompt format's chat
+template into prompt/answer segments -> tokenize, labelling only answer tokens (the end-of-turn token
+included, so the model learns to stop) -> split off evaluation rows. Then mix the sources by their
+weights -> cache on OUTPUT_DIR for every rank.
 We tokenize here rather than in SFTTrainer so bad rows fail before a GPU hour is spent, with the
 row named, and so the loss mask and EOS handling are ours to check.
 """
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job.checkpoint import is_complete, read_json, seal, write_json
-from job.config import BUILTIN_DATASET, Settings, name_pairs
+from job.config import BUILTIN_DATASET, Settings, Source, name_pairs, sources
 from job.errors import ConfigError, DataError, unreachable_or
 
 log = logging.getLogger("job.data")
@@ -683,19 +685,12 @@ def end_of_turn_id(segments: list[tuple[str, bool]], tokenizer) -> int:
 def fingerprint(s: Settings, tokenizer) -> str:
     """Hash of the data and everything that shapes its tokens: equal hashes mean equal training data."""
     h = hashlib.sha256()
-    path = BUNDLED_DATASET if s.dataset == BUILTIN_DATASET else Path(s.dataset)
-    if path.exists():
-        for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
-            h.update(f.name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-        training = local_files(s, s.dataset_split)
-        if path.is_dir() and len(training) < sum(1 for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES):
-            # a folder of several splits was read whole before its splits were told apart
-            h.update(f"split files={[str(f.relative_to(path)) for f in training]};".encode())
-    else:
-        h.update(f"{s.dataset}|{s.dataset_config}".encode())
-        if s.dataset_revision:  # only when set: runs made before it existed still resume
-            h.update(f"revision={s.dataset_revision};".encode())
+    mix = sources(s)
+    plain = mix == [Source(s.dataset)]  # a lone DATASET hashes as it did before mixes, so its runs still resume
+    for source in mix:
+        if not plain:
+            h.update(f"source={source!r};".encode())  # its weight, split, configuration and revision
+        _hash_dataset(h, source.alone(s))
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     h.update(hashlib.sha256(vocab.encode()).digest())
     for name in ("dataset_split", "eval_split", "data_format", "prompt_template", "response_column",
@@ -710,6 +705,24 @@ def fingerprint(s: Settings, tokenizer) -> str:
     if s.chat_template_file:
         h.update(f"chat_template={chat_template_for(s, tokenizer, '')};".encode())
     return h.hexdigest()[:16]
+
+
+def _hash_dataset(h, s: Settings) -> None:
+    """Add one dataset (DATASET naming a single one) to the hash: a local one by its files' contents, a Hub one by
+    its name, configuration and revision."""
+    path = BUNDLED_DATASET if s.dataset == BUILTIN_DATASET else Path(s.dataset)
+    if path.exists():
+        for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        training = local_files(s, s.dataset_split)
+        if path.is_dir() and len(training) < sum(1 for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES):
+            # a folder of several splits was read whole before its splits were told apart
+            h.update(f"split files={[str(f.relative_to(path)) for f in training]};".encode())
+    else:
+        h.update(f"{s.dataset}|{s.dataset_config}".encode())
+        if s.dataset_revision:  # only when set: runs made before it existed still resume
+            h.update(f"revision={s.dataset_revision};".encode())
 
 
 @dataclass(frozen=True)
@@ -774,17 +787,32 @@ def _chunk(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | N
     return done, skipped, eot
 
 
-def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
-    """Read, check, render and tokenize the data; raises DataError naming the row on bad input."""
-    import datasets
+@dataclass
+class Part:
+    """One source of the data, tokenized: its good rows, (conversation, input ids, labels) each, for training and for
+    evaluation, and what became of the rest."""
+    source: Source
+    data_format: str
+    rows_read: int  # of its training split
+    train: list[tuple]
+    eval: list[tuple]
+    eval_from: str | None  # EVAL_SPLIT (its own), EVAL_FRACTION (held out of its training rows), or None
+    skipped: list[str]
+    end_of_turn_id: int
 
-    template = chat_template_for(s, tokenizer, model_type)
-    format_name = prompt_format_name(s, tokenizer, model_type)
-    train_rows = map_columns(read_rows(s, s.dataset_split), s)
-    eval_rows = map_columns(read_rows(s, s.eval_split), s) if s.eval_split else []
+
+def prepare_source(source: Source, s: Settings, tokenizer, template: str, format_name: str) -> Part:
+    """Read, check, render and tokenize one source and set its evaluation rows apart: its EVAL_SPLIT, else
+    EVAL_FRACTION of its rows, held out before any mixing so that no evaluation row is trained on."""
+    alone = source.alone(s)
+    train_rows = map_columns(read_rows(alone, alone.dataset_split), s)
+    eval_rows = map_columns(read_rows(alone, s.eval_split), s) if s.eval_split else []
     if not train_rows:
-        raise DataError(f"DATASET={s.dataset}: split {s.dataset_split!r} has no rows")
-    data_format = s.data_format if s.data_format != "auto" else detect_format(set(train_rows[0].record))
+        raise DataError(f"DATASET={alone.dataset}: split {alone.dataset_split!r} has no rows")
+    try:  # each source on its own: a mix may join ShareGPT conversations and alpaca instructions
+        data_format = s.data_format if s.data_format != "auto" else detect_format(set(train_rows[0].record))
+    except DataError as error:
+        raise DataError(f"{train_rows[0].where}: {error}") from None
 
     work = Work(s, tokenizer, template, format_name, data_format)
     train_done, train_skipped, eot = render_and_tokenize(work, train_rows)
@@ -793,18 +821,65 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
     if not train_done:
         raise DataError(f"every one of the {len(train_rows)} training rows is bad (SKIP_BAD_ROWS=true skipped them "
                         f"all); the first: {skipped[0]}")
+    eval_from = s.eval_split if eval_done else None
     if not eval_done and s.eval_fraction > 0 and len(train_done) > 1:
         order = list(range(len(train_done)))
         random.Random(s.seed).shuffle(order)
         cut = max(1, round(len(order) * s.eval_fraction))
         eval_done = [train_done[i] for i in order[:cut]]
         train_done = [train_done[i] for i in sorted(order[cut:])]
-    eval_done = eval_done[: s.max_eval_samples]
+        eval_from = "EVAL_FRACTION"
+    return Part(source, data_format, len(train_rows), train_done, eval_done, eval_from, skipped, eot)
+
+
+def mix_weights(parts: list[Part]) -> list[float]:
+    """Each source's weight; without weights, its number of training rows, so that every row is taken once."""
+    if parts[0].source.weight is None:
+        return [len(part.train) for part in parts]
+    return [part.source.weight for part in parts]
+
+
+def shares(total: int, weights: list[float]) -> list[int]:
+    """`total` split in proportion to `weights`, in whole numbers that add up to it (largest remainders first)."""
+    whole = sum(weights)
+    exact = [total * weight / whole for weight in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])  # ties: the earlier source
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def draw(rows: list, count: int, rng: random.Random) -> list:
+    """`count` of `rows`: all of them as many whole times as fit, then a sample of the rest without repeats, in file
+    order; `count` equal to their number gives them as they are."""
+    times, rest = divmod(count, len(rows))
+    return rows * times + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
+
+
+def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
+    """Read, check, render and tokenize the data, mixing the sources of DATASET by their weights; raises DataError
+    naming the row on bad input.
+
+    The training rows number as many as the sources hold together (their held-out rows excepted); each source
+    gives its weight's share of them, drawn with SEED. That happens once, on the main process, and is cached under
+    the data fingerprint, which covers the weights and SEED: every rank and every resume trains on the same rows."""
+    import datasets
+
+    template = chat_template_for(s, tokenizer, model_type)
+    format_name = prompt_format_name(s, tokenizer, model_type)
+    parts = [prepare_source(source, s, tokenizer, template, format_name) for source in sources(s)]
+    weights = mix_weights(parts)
+    rng = random.Random(s.seed)
+    train_drawn = [draw(part.train, count, rng)
+                   for part, count in zip(parts, shares(sum(len(part.train) for part in parts), weights))]
+    # the evaluation rows follow the weights too, where MAX_EVAL_SAMPLES keeps fewer than the sources hold
+    eval_kept = [part.eval[:count] for part, count in zip(parts, shares(s.max_eval_samples, weights))]
 
     counts = {"truncated": 0, "dropped_no_answer_left": 0, "labelled": 0, "tokens": 0}
     lengths: list[int] = []
 
-    def encode(done):
+    def encode(done) -> dict:
         columns = {"input_ids": [], "labels": []}
         for _, ids, labels in done:
             lengths.append(len(ids))
@@ -818,19 +893,26 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
             counts["tokens"] += len(ids)
             columns["input_ids"].append(ids)
             columns["labels"].append(labels)
-        return datasets.Dataset.from_dict(columns)
+        return columns
 
-    train, evaluation = encode(train_done), encode(eval_done) if eval_done else None
+    def joined(encoded: list[dict]):
+        return datasets.Dataset.from_dict({name: [row for columns in encoded for row in columns[name]]
+                                           for name in ("input_ids", "labels")})
+
+    train_encoded, eval_encoded = [encode(rows) for rows in train_drawn], [encode(rows) for rows in eval_kept]
+    train = joined(train_encoded)
+    evaluation = joined(eval_encoded) if any(eval_kept) else None
     if len(train) == 0:
         raise DataError(f"MAX_LENGTH={s.max_length}: every training row is longer than that before its answer "
                         f"starts (longest row {max(lengths)} tokens); raise MAX_LENGTH")
     label_share = counts["labelled"] / max(1, counts["tokens"])
-    if data_format != "text" and s.loss_on != "everything" and label_share >= 1.0:
+    if s.loss_on != "everything" and any(part.data_format != "text" for part in parts) and label_share >= 1.0:
         raise DataError("loss mask: every token is labelled, so prompts would be trained on; "
                         "check PROMPT_FORMAT and DATA_FORMAT")
+    skipped = [text for part in parts for text in part.skipped]
     lengths_sorted = sorted(lengths)
     stats = {
-        "format": data_format,
+        "format": ", ".join(dict.fromkeys(part.data_format for part in parts)),
         "train_rows": len(train),
         "eval_rows": 0 if evaluation is None else len(evaluation),
         "skipped_bad_rows": len(skipped),
@@ -844,12 +926,35 @@ def prepare(s: Settings, tokenizer, model_type: str) -> Prepared:
         "tokens_p95": lengths_sorted[int(0.95 * (len(lengths_sorted) - 1))],
         "tokens_max": lengths_sorted[-1],
         "train_tokens": sum(len(x) for x in train["input_ids"]),
+        "sources": [source_stats(part, s, encoded, evaluated, len(train))
+                    for part, encoded, evaluated in zip(parts, train_encoded, eval_encoded)],
     }
     # the prompt test (evaluate, merge) renders prompts without tools=, so it takes plain conversations only
-    plain = [chat for chat, _, _ in eval_done if isinstance(chat, Chat) and not chat.uses_tools()]
+    plain = [chat for rows in eval_kept for chat, _, _ in rows if isinstance(chat, Chat) and not chat.uses_tools()]
     samples = [{"messages": chat.messages[:-1], "reference": chat.messages[-1]["content"]}
                for chat in plain[: s.sample_prompts]]
+    # answers end in the chat template's end-of-turn token, text rows in EOS: generation stops at the former
+    eot = next((part.end_of_turn_id for part in parts if part.data_format != "text"), parts[0].end_of_turn_id)
     return Prepared(train, evaluation, template, eot, samples, stats)
+
+
+def source_stats(part: Part, s: Settings, encoded: dict, evaluated: dict, train_rows: int) -> dict:
+    """What one source gave (summary.json's data.sources): rows read, bad, held out for evaluation, and trained on
+    (drawn by its weight, less rows MAX_LENGTH left no answer in), with their share of all and their tokens."""
+    return {
+        "dataset": part.source.path,
+        "split": part.source.alone(s).dataset_split,
+        "weight": part.source.weight,
+        "format": part.data_format,
+        "rows_read": part.rows_read,
+        "skipped_bad_rows": len(part.skipped),
+        "eval_rows": len(evaluated["input_ids"]),
+        "eval_from": part.eval_from,
+        "rows_available": len(part.train),
+        "train_rows": len(encoded["input_ids"]),
+        "train_share": round(len(encoded["input_ids"]) / train_rows, 4),
+        "train_tokens": sum(len(ids) for ids in encoded["input_ids"]),
+    }
 
 
 def load(s: Settings, tokenizer, model_type: str, cache_root: Path, state) -> Prepared:
@@ -879,6 +984,11 @@ def load(s: Settings, tokenizer, model_type: str, cache_root: Path, state) -> Pr
                      "are trained on (the answers); %s tokens a row at the median, %s at most", stats["train_rows"],
                      stats["truncated_rows"], stats["skipped_bad_rows"], stats["eval_rows"],
                      100 * stats["labelled_token_share"], stats["tokens_median"], stats["tokens_max"])
+            if len(stats["sources"]) > 1:  # what the weights made of each source
+                for source in stats["sources"]:
+                    log.info("data: %s: %d training rows (%.1f%% of them) from its %d (weight %s), %d evaluation "
+                             "rows", source["dataset"], source["train_rows"], 100 * source["train_share"],
+                             source["rows_available"], source["weight"] or "none", source["eval_rows"])
     meta = read_json(cached / "meta.json")
     evaluation = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").is_dir() else None
     return Prepared(datasets.load_from_disk(str(cached / "train")), evaluation, meta["chat_template"],

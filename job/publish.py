@@ -31,7 +31,7 @@ import yaml
 
 from job import checkpoint
 from job.checkpoint import COMPLETE, Layout
-from job.config import BUILTIN_DATASET, BUILTIN_MODEL, HUB_ID, Settings
+from job.config import BUILTIN_DATASET, BUILTIN_MODEL, HUB_ID, Settings, sources
 from job.errors import ConfigError, PushFailed, transient_hub_error
 
 log = logging.getLogger("job.publish")
@@ -298,6 +298,15 @@ def _hub_id(name: str | None) -> bool:
     return bool(name) and bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
 
 
+def _trained_on(mix: list) -> str:
+    """The data as the card names it: each source of DATASET, with its share of the training rows in a mix."""
+    names = ["the bundled task set" if source.path == BUILTIN_DATASET else f"`{source.path}`" for source in mix]
+    if mix[0].weight is not None:
+        total = sum(source.weight for source in mix)
+        names = [f"{name} ({source.weight / total:.0%})" for name, source in zip(names, mix)]
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+
+
 def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | None = None,
                merge_metrics: dict | None = None) -> str:
     """README.md for the merged model (kind="merged") or the adapter: YAML front matter, what it was trained
@@ -308,7 +317,9 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
     merged = merge_metrics or checkpoint.read_json(layout.metrics / "merge.json") or {}
     repo = s.hub_model_id
     base = "the built-in tiny Llama test model" if s.base_model == BUILTIN_MODEL else f"`{s.base_model}`"
-    dataset = "the bundled task set" if s.dataset == BUILTIN_DATASET else f"`{s.dataset}`"
+    mix = sources(s)
+    dataset = _trained_on(mix)
+    split = f" (split `{mix[0].alone(s).dataset_split}`)" if len(mix) == 1 else ""  # a mix: in summary.json
     method = {"nf4": "QLoRA (4-bit NF4 base)", "int8": "LoRA on an 8-bit base", "none": "LoRA on a 16-bit base"}
     method = method.get(s.quantization, s.quantization)
 
@@ -320,8 +331,9 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
         front["base_model"] = s.base_model
         if kind == "merged":
             front["base_model_relation"] = "finetune"
-    if _hub_id(s.dataset):
-        front["datasets"] = [s.dataset]
+    hub_datasets = [source.path for source in mix if _hub_id(source.path)]
+    if hub_datasets:
+        front["datasets"] = hub_datasets
 
     if kind == "merged":
         where = repo or "path/to/merged"
@@ -376,7 +388,7 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
         lines += ["Loading the adapter downloads the base model it names in `adapter_config.json`.", ""]
 
     lines += ["## Training", "", "| Setting | Value |", "| --- | --- |",
-              f"| base model | {base} |", f"| dataset | {dataset} (split `{s.dataset_split}`) |",
+              f"| base model | {base} |", f"| dataset | {dataset}{split} |",
               f"| method | {method} |"]
     for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
                  "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "micro_batch_size", "grad_accum",

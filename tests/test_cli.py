@@ -39,7 +39,7 @@ def jsonl(tmp_path, text: bytes):
 
 
 GOOD = b'{"instruction": "i", "response": "r"}\n'
-SETTINGS_ERRORS = {"unknown format", "unknown enum", "r=0", "non-numeric"}
+SETTINGS_ERRORS = {"unknown format", "unknown enum", "r=0", "non-numeric", "bad weight"}
 
 
 @pytest.mark.parametrize("case, environ, message", [
@@ -55,6 +55,8 @@ SETTINGS_ERRORS = {"unknown format", "unknown enum", "r=0", "non-numeric"}
     ("unknown enum", {"QUANTIZATION": "fp4"}, "QUANTIZATION='fp4' is not one of: nf4, int8, none"),
     ("r=0", {"LORA_R": 0}, "LORA_R=0: must be a positive integer"),
     ("non-numeric", {"LEARNING_RATE": "2e-4x"}, "LEARNING_RATE (environment): expected a number, got '2e-4x'"),
+    ("bad weight", {"DATASET": "org/a:0.7,org/b:-0.3"}, "DATASET source 2 ('org/b:-0.3'): the weight '-0.3' must be "
+     "a positive number"),
     ("missing model path", {"BASE_MODEL": "/nonexistent/model"}, "BASE_MODEL=/nonexistent/model: no such directory"),
     ("missing dataset path", {"DATASET": "/nonexistent/data.jsonl"}, "DATASET=/nonexistent/data.jsonl: no such file"),
     ("absent target modules", {"LORA_TARGET_MODULES": "q_proj,query_key_value"},

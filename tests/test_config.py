@@ -108,6 +108,46 @@ def test_yaml_lists_and_mappings_for_the_comma_separated_settings(tmp_path):
     assert config.trainer_args(s) == {"weight_decay": 0.01, "optim": "adamw_torch"}
 
 
+def test_several_datasets_with_weights_in_the_environment_and_the_yaml_file(tmp_path):
+    Source = config.Source
+    s = config.load({}, environ={"DATASET": "org/chat:0.7, data/b.jsonl:0.3", "BASE_MODEL": "x/y"})
+    assert config.sources(s) == [Source("org/chat", 0.7), Source("data/b.jsonl", 0.3)]
+    assert config.sources(config.load({}, environ={})) == [Source("builtin:tasks")]  # a name, not a weight
+    assert config.sources(config.load({}, environ={"DATASET": "builtin:tasks:1,org/x:3"})) == [
+        Source("builtin:tasks", 1.0), Source("org/x", 3.0)]
+    path = tmp_path / "c.yaml"  # TRL's and axolotl's name for the list, each source with its own keys
+    path.write_text("datasets:\n  - {path: org/chat, weight: 2, split: train_sft, config: ko, revision: v1}\n"
+                    "  - data/b.jsonl:1\n  - {path: 'data/데이터.jsonl', weight: 1}\n")
+    s = config.load({}, environ={"CONFIG_FILE": str(path), "BASE_MODEL": "x/y"})
+    mix = [Source("org/chat", 2.0, "train_sft", "ko", "v1"), Source("data/b.jsonl", 1.0),
+           Source("data/데이터.jsonl", 1.0)]
+    assert config.sources(s) == mix and "데이터" in s.dataset
+    assert config.sources(config.load({}, environ={"DATASET": s.dataset, "BASE_MODEL": "x/y"})) == mix  # as JSON
+    alone = mix[0].alone(s)
+    assert (alone.dataset, alone.dataset_split, alone.dataset_config, alone.dataset_revision) == (
+        "org/chat", "train_sft", "ko", "v1")
+
+
+@pytest.mark.parametrize("dataset, messages", [
+    ("a.jsonl:0.7,b.jsonl:heavy", ["DATASET source 2 ('b.jsonl:heavy'): the weight 'heavy' is not a number"]),
+    ("a.jsonl:-1,b.jsonl:0", ["DATASET source 1 ('a.jsonl:-1'): the weight '-1' must be a positive number",
+                              "DATASET source 2 ('b.jsonl:0'): the weight '0' must be a positive number"]),
+    ("a.jsonl:1,b.jsonl", ["DATASET: give every source a weight, or none"]),
+    ("a.jsonl:0.5", ["DATASET='a.jsonl:0.5': a weight is a source's share of a mix of several"]),
+    ("a.jsonl,,b.jsonl", ["DATASET source 2 (''): no path"]),
+    ('[{"path": "org/a", "fraction": 0.5}]', ["'fraction' is not a key of a source; use weight: TRL's fraction"]),
+    ('[{"path": "org/a", "type": "alpaca"}]', ["'type' is not a key of a source; use nothing: DATA_FORMAT=auto"]),
+    ('[{"path": "org/a", "weight": true}, "b:1"]', ["DATASET source 1 ({'path': 'org/a', 'weight': True}): the "
+                                                    "weight True is not a number"]),
+    ("[{path: a", ["not a YAML or JSON list of sources"]),
+])
+def test_bad_mixes_are_reported_with_every_other_problem(dataset, messages):
+    with pytest.raises(ConfigError) as error:
+        config.load({}, environ={"DATASET": dataset, "BASE_MODEL": "x/y", "LORA_R": "0"})
+    for message in [*messages, "LORA_R=0"]:
+        assert message in str(error.value), str(error.value)
+
+
 def test_misspelt_variables_are_found_and_the_rest_of_the_environment_is_not():
     environ = {"BASE_MODLE": "x", "BATCH_SIZE": "8", "NUM_EPOCH": "1", "LEARNINGRATE": "1e-4", "PATH": "/bin",
                "HOME": "/root", "HOSTNAME": "n1", "TERM": "xterm", "SHELL": "/bin/bash", "USER": "me", "LANG": "C",

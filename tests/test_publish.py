@@ -127,6 +127,12 @@ def test_card_names_a_hub_base_model_and_dataset(tiny_tokenizer, tmp_path):
     assert front["datasets"] == ["nlpai-lab/databricks-dolly-15k-ko"]
     assert "<|start_header_id|>user<|end_header_id|>" in card and "AutoPeftModelForCausalLM" in card
 
+    mixed = config.load(environ={"OUTPUT_DIR": str(layout.root), "BASE_MODEL": "mistralai/Mistral-7B-v0.3",
+                                 "DATASET": "nlpai-lab/databricks-dolly-15k-ko:3,/data/mine.jsonl:1"})
+    card = model_card(mixed, layout, "adapter")
+    assert yaml.safe_load(card.split("---")[1])["datasets"] == ["nlpai-lab/databricks-dolly-15k-ko"]
+    assert "| dataset | `nlpai-lab/databricks-dolly-15k-ko` (75%) and `/data/mine.jsonl` (25%) |" in card
+
 
 @pytest.mark.slow
 def test_transient_failures_are_retried_and_uploads_are_not_repeated(hub, output, monkeypatch, caplog):
