@@ -179,7 +179,7 @@ class Settings:
                                        "Arguments the job sets itself are refused, naming the setting for them.")
 
     # --- speed levers: none changes what is trained; auto picks from the card, its free memory and the
-    # model (job/speed.py; `job preflight` prints the choice and why)
+    # model (job/speed/; `job preflight` prints the choice and why)
     gradient_checkpointing: str = setting("auto", "Recompute activations in backward: true (every layer), false, "
                                           "offload (every layer, checkpoints kept in CPU memory); auto recomputes "
                                           "as few layers as the memory allows.",

@@ -47,7 +47,7 @@ def lever_fields(levers: speed.Levers) -> dict:
         "per_device_train_batch_size": levers.micro_batch_size,
         "gradient_accumulation_steps": levers.grad_accum,
         "activation_checkpointing": checkpointing,
-        # "offload" is installed by speed.prepare_adapted (job.longctx's asynchronous offloader), not transformers'
+        # "offload" is installed by speed.prepare_adapted (job.speed.offload's asynchronous offloader), not transformers'
         "activation_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
         "dataloader_num_workers": levers.dataloader_workers,
         "dataloader_pin_memory": levers.device != "cpu",

@@ -135,7 +135,7 @@ def test_a_tiny_phase_runs_end_to_end_on_cpu(tiny_model):
 
 
 def test_the_bench_times_the_path_users_train_with(tiny_model):
-    """The job's phase is assembled by train.build_trainer, as `job train` is: a setting that turns the
+    """The job's phase is assembled by trainer.build_trainer, as `job train` is: a setting that turns the
     long-context mode on installs it in the bench too (an earlier copy of the path skipped it)."""
     rows = workload.make_rows(40, 1024, 256, seed=0, median=60)
     opts = recipes.Options(max_length=256, warmup=1, steps=1)

@@ -1,4 +1,4 @@
-"""Long-context mode (job/longctx.py) on CPU: its loss and LoRA gradients equal the plain path's, packed and
+"""Long-context mode (job/speed/longcontext.py) on CPU: its loss and LoRA gradients equal the plain path's, packed and
 unpacked, on the real 4-bit tiny model; its memory plan refuses what cannot fit; the length search."""
 
 from __future__ import annotations

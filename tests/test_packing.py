@@ -1,7 +1,7 @@
 """Packed samples never attend to each other, whoever calls the model and how (CPU, the tiny model in 4-bit).
 
 transformers keeps the samples of a packed row apart only when no attention_mask is passed and no KV cache is
-built; the job's packing guard (job.speed.install_packing_guard) makes that hold for a mask of ones, for
+built; the job's packing guard (job.speed.packing.install_packing_guard) makes that hold for a mask of ones, for
 use_cache on in eval mode and for padding inside packed rows too. Every test compares the logits of a packed row
 with each sample run alone; `test_without_the_guard_samples_leak` shows the comparison would catch a leak.
 """

@@ -429,7 +429,7 @@ def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, m
     """The fused layer of a down projection skips its matmul in a recompute (only its saved input is needed):
     its 4-bit weight is dequantized twice a step (forward, backward), not three times, in every layer, with the
     same loss and gradients as no recomputation; `offload` also sends the checkpoints to (here simulated) host
-    memory through job.longctx's offloader."""
+    memory through job.speed.offload's offloader."""
     from peft import get_peft_model
 
     ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))

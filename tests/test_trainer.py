@@ -11,7 +11,7 @@ def test_the_levers_decide_their_trainer_fields():
     args = lever_fields(speed.Levers(checkpointing="offload", checkpoint_layers=32, micro_batch_size=2,
                                             grad_accum=2, dataloader_workers=2, device="H100"))
     assert args["per_device_train_batch_size"] == 2 and args["gradient_accumulation_steps"] == 2
-    # offloading is job.longctx's asynchronous offloader, installed by prepare_adapted, not transformers' own
+    # offloading is job.speed.offload's asynchronous offloader, installed by prepare_adapted, not transformers' own
     assert args["activation_checkpointing"] and args["activation_checkpointing_kwargs"] == {"use_reentrant": False}
     assert args["dataloader_num_workers"] == 2 and args["dataloader_pin_memory"]
     assert args["accelerator_config"] == {"non_blocking": True}  # pinned batches copied without a GPU wait

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def select_checkpointed_layers(model, count: int, offloaded: int = 0) -> None:
     """After the Trainer turns checkpointing on for every layer, leave it on for `count` layers: spread evenly, or,
     with layers offloaded, right after them (the offloaded layers first, the kept ones last, see
-    job.longctx.LayerOffload)."""
+    job.speed.offload.LayerOffload)."""
     original = model.activation_checkpointing_enable
 
     def enable(*args, **kwargs):

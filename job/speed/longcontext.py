@@ -23,7 +23,7 @@ intermediates are 7 GiB each, and full logits would be 64 GiB in bf16. This mode
 
 `decide` picks the mode (LONG_CONTEXT=auto|on|off), `plan` estimates peak GPU and CPU memory and refuses a
 length that cannot fit (naming the longest that would), `apply` installs the mode on a built SFTTrainer.
-`python -m job.longctx trial|search` runs one training step of one sequence / finds the longest that trains
+`python -m job.bench.longest trial|search` runs one training step of one sequence / finds the longest that trains
 (`job bench --max-length max` calls the search).
 """
 

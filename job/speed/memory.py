@@ -83,7 +83,7 @@ def usable_gib(budget: float) -> float:
 
 
 def offloadable_layers(recomputed: int, layers: int, pinned_per_layer: float, host_gib: float) -> int:
-    """How many of a partial plan's recomputed layers auto offloads instead (job.longctx.LayerOffload): no more
+    """How many of a partial plan's recomputed layers auto offloads instead (job.speed.offload.LayerOffload): no more
     than the kept layers, whose memory the copies pass through (more would wait for copies back in the backward),
     nor than a quarter of all layers (a layer's copy over PCIe takes ~4x its forward on an H100: more would wait
     for copies out in the forward), nor than half the CPU memory left to this process holds."""

@@ -31,5 +31,5 @@ SKIP_MLP_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "granite"}
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass: a forward called now is a recompute (a checkpoint's, or that of
-    job.longctx's chunked MLP)."""
+    the long-context mode's chunked MLP)."""
     return torch._C._current_graph_task_id() != -1
