@@ -63,7 +63,20 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None,
     why: dict[str, str] = {}
     lv = Levers(device=device.name if device.cuda else "cpu", budget_gib=device.budget_gib)
 
-    # attention
+    _choose_attention(s, shape, device, caps, lv, why)
+    _choose_liger(s, shape, device, caps, lv, why)
+    _choose_lora_kernels(s, device, caps, lv, why)
+    lv.dataloader_workers = s.dataloader_workers if s.dataloader_workers >= 0 else (2 if device.cuda else 0)
+    why["dataloader_workers"] = ("set by DATALOADER_WORKERS" if s.dataloader_workers >= 0 else
+                                 "2 workers with pinned memory collate the next batch while the GPU trains"
+                                 if device.cuda else "CPU: collate in the main process")
+
+    _plan_memory(s, shape, device, lv, why, step)
+    lv.reasons = why
+    return lv
+
+
+def _choose_attention(s: Settings, shape: Shape, device: Device, caps: dict, lv: Levers, why: dict) -> None:
     if s.attn_implementation != "auto":
         lv.attn_implementation = s.attn_implementation
         why["attn_implementation"] = "forced by ATTN_IMPLEMENTATION"
@@ -100,7 +113,8 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None,
         lv.attn_implementation = "sdpa"
         why["attn_implementation"] = "no varlen or flex kernel in this torch"
 
-    # liger
+
+def _choose_liger(s: Settings, shape: Shape, device: Device, caps: dict, lv: Levers, why: dict) -> None:
     liger_ok = device.cuda and caps.get("liger", False) and liger_supports(shape.model_type)
     lv.liger = _flag(s.liger, liger_ok)
     if s.liger == "true" and not liger_ok:
@@ -111,7 +125,9 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None,
                     "needs a CUDA GPU and liger-kernel (Triton)" if not device.cuda or not caps.get("liger") else
                     f"liger has no kernels for {shape.model_type}")
 
-    # fused LoRA kernel
+
+def _choose_lora_kernels(s: Settings, device: Device, caps: dict, lv: Levers, why: dict) -> None:
+    """The fused LoRA layer, and the NF4 kernel that needs it."""
     sharded = s.strategy in SHARDED
     kernel_ok = s.quantization in ("nf4", "none") and not s.use_dora
     lv.lora_kernel = _flag(s.lora_kernel, kernel_ok and device.cuda and not sharded)
@@ -135,136 +151,147 @@ def choose(s: Settings, shape: Shape, device: Device, caps: dict | None = None,
                          "one Triton launch per 4-bit weight instead of bitsandbytes' three" if nf4_ok else
                          "off: needs 4-bit weights, the fused LoRA layer and Triton on a CUDA GPU")
 
-    lv.dataloader_workers = s.dataloader_workers if s.dataloader_workers >= 0 else (2 if device.cuda else 0)
-    why["dataloader_workers"] = ("set by DATALOADER_WORKERS" if s.dataloader_workers >= 0 else
-                                 "2 workers with pinned memory collate the next batch while the GPU trains"
-                                 if device.cuda else "CPU: collate in the main process")
-
-    _plan_memory(s, shape, device, lv, why, step)
-    lv.reasons = why
-    return lv
-
 
 def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dict, step: StepModel) -> None:
     """Micro batch, recomputation, weight cache and embedding offload: the fastest plan that fits the budget."""
-    rows = s.micro_batch_size * s.grad_accum
-    layers = shape.layers
+    if not device.cuda:
+        _plan_on_cpu(s, shape, lv, why)
+        return
+    if decide(s, s.micro_batch_size * s.max_length, device.cuda)[0]:  # the mode plans its own memory
+        _plan_long_context(s, shape, device, lv, why)
+        return
+    if s.offload_embeddings == "true" and not shape.plain_head:
+        raise ConfigError("OFFLOAD_EMBEDDINGS=true: this model scales or caps its logits, which the streamed "
+                          "output layer does not do; use auto")
 
     def fits(plan: Levers, tokens: int) -> bool:
         return estimate_gib(shape, s, plan, tokens) <= usable_gib(device.budget_gib)
 
-    if not device.cuda:
-        lv.micro_batch_size, lv.grad_accum = s.micro_batch_size, s.grad_accum
-        mode = {"auto": "none", "true": "full", "false": "none", "offload": "full"}[s.gradient_checkpointing]
-        lv.checkpointing, lv.checkpoint_layers = mode, layers if mode != "none" else 0
-        lv.dequant_cache = s.dequant_cache == "true"
-        lv.offload_embeddings = lv.offload_head = s.offload_embeddings == "true"
-        why["checkpointing"] = ("forced by GRADIENT_CHECKPOINTING" if s.gradient_checkpointing != "auto" else
-                                "CPU: memory is not the limit, so nothing is recomputed")
-        why["micro_batch_size"] = "as configured"
-        why["dequant_cache"] = "forced by DEQUANT_CACHE" if lv.dequant_cache else "off (a GPU lever)"
-        why["offload_embeddings"] = "forced by OFFLOAD_EMBEDDINGS" if lv.offload_embeddings else "off (a GPU lever)"
-        return
+    plan, tokens = _fastest_fitting(s, shape, lv, step, fits)
+    if plan is None:
+        plan, tokens = _leanest(s, shape, lv), s.max_length
+        why["memory"] = (f"no plan fits {device.budget_gib:.1f} GiB by the estimate; trying the leanest one "
+                         "(expect an out-of-memory error on a card this small)")
+    lv.tokens = tokens
+    for name in ("checkpointing", "checkpoint_layers", "micro_batch_size", "grad_accum", "offload_embeddings",
+                 "offload_head"):
+        setattr(lv, name, getattr(plan, name))
+    _plan_layer_offload(s, shape, device, lv)
+    _plan_weight_cache(s, lv, fits)
+    lv.estimated_peak_gib = round(estimate_gib(shape, s, lv, tokens), 1)
+    _explain_memory(s, shape, device, lv, why)
 
-    if decide(s, s.micro_batch_size * s.max_length, device.cuda)[0]:  # the mode plans its own memory
-        _plan_long_context(s, shape, device, lv, why)
-        return
 
+def _plan_on_cpu(s: Settings, shape: Shape, lv: Levers, why: dict) -> None:
+    """On CPU memory is not the limit: the settings as given, nothing recomputed unless forced."""
+    lv.micro_batch_size, lv.grad_accum = s.micro_batch_size, s.grad_accum
+    mode = {"auto": "none", "true": "full", "false": "none", "offload": "full"}[s.gradient_checkpointing]
+    lv.checkpointing, lv.checkpoint_layers = mode, shape.layers if mode != "none" else 0
+    lv.dequant_cache = s.dequant_cache == "true"
+    lv.offload_embeddings = lv.offload_head = s.offload_embeddings == "true"
+    why["checkpointing"] = ("forced by GRADIENT_CHECKPOINTING" if s.gradient_checkpointing != "auto" else
+                            "CPU: memory is not the limit, so nothing is recomputed")
+    why["micro_batch_size"] = "as configured"
+    why["dequant_cache"] = "forced by DEQUANT_CACHE" if lv.dequant_cache else "off (a GPU lever)"
+    why["offload_embeddings"] = "forced by OFFLOAD_EMBEDDINGS" if lv.offload_embeddings else "off (a GPU lever)"
+
+
+def _checkpoint_modes(forced: str, layers: int) -> list[tuple[str, int]]:
+    """(checkpointing, layers recomputed) to try, the fewest recomputed first."""
+    if forced == "false":
+        return [("none", 0)]
+    if forced == "true":
+        return [("full", layers)]
+    if forced == "offload":
+        return [("offload", layers)]
+    return [("none", 0)] + [("partial", k) for k in range(1, layers)] + [("full", layers), ("offload", layers)]
+
+
+def _embedding_options(s: Settings, shape: Shape) -> tuple:
+    """(input embedding, output layer) in CPU memory, to try: the input alone costs a row gather a step; the output
+    layer streams 2 x its size over PCIe a micro-step, and a tied one goes with the input."""
+    both, input_only, neither = (True, True), (True, shape.tied), (False, False)
+    if s.offload_embeddings != "auto":
+        return (both,) if s.offload_embeddings == "true" else (neither,)
+    if s.strategy in SHARDED:  # untested under sharding: not moved
+        return (neither,)
+    if shape.plain_head:
+        return tuple(dict.fromkeys((neither, input_only, both)))
+    return (neither,) if shape.tied else (neither, input_only)
+
+
+def _fastest_fitting(s: Settings, shape: Shape, lv: Levers, step: StepModel, fits) -> tuple[Levers | None, int]:
+    """The plan the step model says is fastest among those that fit, and its tokens a micro-batch."""
+    rows, layers = s.micro_batch_size * s.grad_accum, shape.layers
     micro_options = [m for m in range(min(rows, s.micro_batch_size), 0, -1) if rows % m == 0]
-    forced = s.gradient_checkpointing
-    if s.offload_embeddings == "true" and not shape.plain_head:
-        raise ConfigError("OFFLOAD_EMBEDDINGS=true: this model scales or caps its logits, which the streamed "
-                          "output layer does not do; use auto")
-    # (input embedding, output layer) in CPU memory: the input alone costs a row gather a step; the output layer
-    # streams 2 x its size over PCIe a micro-step, and a tied one goes with the input
-    both, input_only = (True, True), (True, shape.tied)
-    embed_options = {"auto": ((False, False),) if s.strategy in SHARDED else  # sharded: untested, not moved
-                     ((False, False), input_only, both) if shape.plain_head else
-                     ((False, False),) if shape.tied else ((False, False), input_only),
-                     "true": (both,), "false": ((False, False),)}[s.offload_embeddings]
-    best = None
-    for offload_embeddings, offload_head in dict.fromkeys(embed_options):
+    best = (math.inf, None, 0)
+    for offload_embeddings, offload_head in _embedding_options(s, shape):
         for m in micro_options:
             tokens = m * s.max_length
-            if forced == "false":
-                modes = [("none", 0)]
-            elif forced == "true":
-                modes = [("full", layers)]
-            elif forced == "offload":
-                modes = [("offload", layers)]
-            else:
-                modes = [("none", 0)] + [("partial", k) for k in range(1, layers)] + [("full", layers),
-                                                                                      ("offload", layers)]
-            for mode, k in modes:
+            for mode, k in _checkpoint_modes(s.gradient_checkpointing, layers):
                 plan = dataclasses.replace(lv, checkpointing=mode, checkpoint_layers=k, micro_batch_size=m,
                                            grad_accum=rows // m, offload_embeddings=offload_embeddings,
                                            offload_head=offload_head, dequant_cache=False)
                 if fits(plan, tokens):
                     cost = step.cost(tokens, k, layers, mode == "offload", offload_head, offload_embeddings)
-                    if best is None or cost < best[0] - 1e-9:
+                    if best[1] is None or cost < best[0] - 1e-9:
                         best = (cost, plan, tokens)
                     break  # fewer recomputed layers at this micro batch did not fit; more only cost time
-    if best is None:  # nothing fits: the leanest plan, and say so
-        plan = dataclasses.replace(lv, checkpointing="offload" if forced in ("auto", "offload") else
-                                   {"true": "full", "false": "none"}[forced],
-                                   checkpoint_layers=0 if forced == "false" else layers, micro_batch_size=1,
-                                   grad_accum=rows, offload_embeddings=s.offload_embeddings != "false",
-                                   offload_head=s.offload_embeddings != "false" and shape.plain_head)
-        best = (math.inf, plan, s.max_length)
-        why["memory"] = (f"no plan fits {device.budget_gib:.1f} GiB by the estimate; trying the leanest one "
-                         "(expect an out-of-memory error on a card this small)")
-    _, plan, tokens = best
-    lv.tokens = tokens
-    for name in ("checkpointing", "checkpoint_layers", "micro_batch_size", "grad_accum", "offload_embeddings",
-                 "offload_head"):
-        setattr(lv, name, getattr(plan, name))
+    return best[1], best[2]
 
-    # the first recomputed layers' activations to pinned CPU memory instead: their copies out and back overlap the
-    # recomputed layers' forward and backward, within the GPU memory the kept layers use at other times
+
+def _leanest(s: Settings, shape: Shape, lv: Levers) -> Levers:
+    """When nothing fits by the estimate: one row a micro-step, everything recomputed and moved that may be."""
+    forced = s.gradient_checkpointing
+    return dataclasses.replace(lv, checkpointing="offload" if forced in ("auto", "offload") else
+                               {"true": "full", "false": "none"}[forced],
+                               checkpoint_layers=0 if forced == "false" else shape.layers, micro_batch_size=1,
+                               grad_accum=s.micro_batch_size * s.grad_accum,
+                               offload_embeddings=s.offload_embeddings != "false",
+                               offload_head=s.offload_embeddings != "false" and shape.plain_head)
+
+
+def _plan_layer_offload(s: Settings, shape: Shape, device: Device, lv: Levers) -> None:
+    """The first recomputed layers' activations to pinned CPU memory instead: their copies out and back overlap the
+    recomputed layers' forward and backward, within the GPU memory the kept layers use at other times."""
     lv.offloaded_layers = 0
-    if lv.checkpointing == "partial" and s.offload_layers != 0:
-        wanted = (s.offload_layers if s.offload_layers > 0 else
-                  0 if s.strategy in SHARDED else  # gathered shards would look like activations: untested
-                  offloadable_layers(lv.checkpoint_layers, layers, pinned_layer_bytes(shape, tokens), device.host_gib))
-        lv.offloaded_layers = min(wanted, lv.checkpoint_layers)
-        lv.checkpoint_layers -= lv.offloaded_layers
-        if lv.checkpoint_layers == 0:
-            lv.checkpointing = "none"
+    if lv.checkpointing != "partial" or s.offload_layers == 0:
+        return
+    wanted = (s.offload_layers if s.offload_layers > 0 else
+              0 if s.strategy in SHARDED else  # gathered shards would look like activations: untested
+              offloadable_layers(lv.checkpoint_layers, shape.layers, pinned_layer_bytes(shape, lv.tokens),
+                                 device.host_gib))
+    lv.offloaded_layers = min(wanted, lv.checkpoint_layers)
+    lv.checkpoint_layers -= lv.offloaded_layers
+    if lv.checkpoint_layers == 0:
+        lv.checkpointing = "none"
 
-    # the 16-bit weight cache: two dequantizations per layer and step fewer, on the host and on the GPU (+6% on an
-    # H100, docs/performance.md run 9), for a copy of every adapted weight (13 GiB for 8B): auto takes it only
-    # where nothing is recomputed and the copy still fits, since memory given to activations pays more
+
+def _plan_weight_cache(s: Settings, lv: Levers, fits) -> None:
+    """The 16-bit weight cache saves two dequantizations per layer and step, on the host and on the GPU (+6% on an
+    H100, docs/performance.md), for a copy of every adapted weight (13 GiB for 8B): auto takes it only where
+    nothing is recomputed and the copy still fits, since memory given to activations pays more."""
     cache_ok = s.quantization == "nf4" and lv.lora_kernel
     if s.dequant_cache == "true" and not cache_ok:
         raise ConfigError("DEQUANT_CACHE=true needs QUANTIZATION=nf4 and the fused LoRA kernel (LORA_KERNEL)")
     cached = dataclasses.replace(lv, dequant_cache=True)
     lv.dequant_cache = cache_ok and (s.dequant_cache == "true" or s.dequant_cache == "auto" and (
-        lv.checkpointing == "none" and fits(cached, tokens)))
-    lv.estimated_peak_gib = round(estimate_gib(shape, s, lv, tokens), 1)
+        lv.checkpointing == "none" and fits(cached, lv.tokens)))
 
+
+def _explain_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dict) -> None:
+    """The reasons `job preflight` prints for the memory levers of the plan."""
     where = f"{device.budget_gib:.1f} GiB {'cap' if device.capped else 'free'}"
+    pinned = lv.offloaded_layers * pinned_layer_bytes(shape, lv.tokens) / GiB
     why["offloaded_layers"] = (
         f"the first {lv.offloaded_layers} layers' activations go to pinned CPU memory in the forward and come back "
-        f"in the backward instead of being recomputed (~{lv.offloaded_layers * pinned_layer_bytes(shape, tokens) / GiB:.0f}"
-        " GiB of CPU memory)" if lv.offloaded_layers else
+        f"in the backward instead of being recomputed (~{pinned:.0f} GiB of CPU memory)" if lv.offloaded_layers else
         "forced off by OFFLOAD_LAYERS=0" if s.offload_layers == 0 else
         "none: only where a plan recomputes some layers and keeps others" if lv.checkpointing != "partial" else
         f"none: STRATEGY={s.strategy} gathers weight shards inside each layer (untested)" if s.strategy in SHARDED
         else "none: min(recomputed, kept, layers / 4, what half the free CPU memory holds) is 0")
-    not_kept = lv.checkpoint_layers + lv.offloaded_layers
-    if forced != "auto":
-        why["checkpointing"] = "forced by GRADIENT_CHECKPOINTING"
-    elif not_kept == 0:
-        why["checkpointing"] = f"everything fits in {where}: nothing is recomputed"
-    elif lv.checkpointing in ("partial", "none"):
-        why["checkpointing"] = (f"{lv.checkpoint_layers} of {layers} layers recomputed"
-                                + (f" and {lv.offloaded_layers} offloaded" if lv.offloaded_layers else "")
-                                + f": the fewest not kept that fit {lv.micro_batch_size} x {s.max_length} tokens "
-                                f"in {where}")
-    elif lv.checkpointing == "full":
-        why["checkpointing"] = f"every layer recomputed to fit {where}"
-    else:
-        why["checkpointing"] = f"every layer recomputed, checkpoints in pinned CPU memory, to fit {where}"
+    why["checkpointing"] = _checkpointing_reason(s, shape, lv, where)
+    rows = s.micro_batch_size * s.grad_accum
     split = " (split: the fastest plan that fits)" if lv.micro_batch_size < s.micro_batch_size else ""
     why["micro_batch_size"] = (f"{lv.micro_batch_size} rows x {lv.grad_accum} accumulation steps = the configured "
                                f"{rows} rows per optimizer step{split}")
@@ -272,7 +299,8 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
     why["dequant_cache"] = ("forced by DEQUANT_CACHE" if s.dequant_cache != "auto" else
                             f"a 16-bit copy of the 4-bit weights ({copy}) fits beside the plan: no dequantizing "
                             "per pass" if lv.dequant_cache else
-                            "off: needs the fused LoRA kernel and 4-bit weights" if not cache_ok else
+                            "off: needs the fused LoRA kernel and 4-bit weights"
+                            if not (s.quantization == "nf4" and lv.lora_kernel) else
                             f"off: the 16-bit copy ({copy}) would not fit without recomputing layers")
     table = shape.embedding_params * 2 / GiB
     why["offload_embeddings"] = ("forced by OFFLOAD_EMBEDDINGS" if s.offload_embeddings != "auto" else
@@ -282,6 +310,20 @@ def _plan_memory(s: Settings, shape: Shape, device: Device, lv: Levers, why: dic
                                  f"the input embedding ({table:.1f} GiB) moves to CPU memory (a row gather a step): "
                                  "it buys a faster plan" if lv.offload_embeddings else "kept on the GPU")
     why["estimate"] = f"estimated peak {lv.estimated_peak_gib} GiB of {where}"
+
+
+def _checkpointing_reason(s: Settings, shape: Shape, lv: Levers, where: str) -> str:
+    if s.gradient_checkpointing != "auto":
+        return "forced by GRADIENT_CHECKPOINTING"
+    if lv.checkpoint_layers + lv.offloaded_layers == 0:
+        return f"everything fits in {where}: nothing is recomputed"
+    if lv.checkpointing in ("partial", "none"):
+        return (f"{lv.checkpoint_layers} of {shape.layers} layers recomputed"
+                + (f" and {lv.offloaded_layers} offloaded" if lv.offloaded_layers else "")
+                + f": the fewest not kept that fit {lv.micro_batch_size} x {s.max_length} tokens in {where}")
+    if lv.checkpointing == "full":
+        return f"every layer recomputed to fit {where}"
+    return f"every layer recomputed, checkpoints in pinned CPU memory, to fit {where}"
 
 
 def _plan_long_context(s: Settings, shape: Shape, device: Device, lv: Levers, why: dict) -> None:
