@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from job import config, data
+from job.data import workers
 from job.errors import ConfigError, DataError
 
 
@@ -276,12 +277,12 @@ def test_tokenizing_in_workers_gives_what_one_process_gives_and_names_the_first_
     s = make(tmp_path, rows, EVAL_FRACTION="0.1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # three workers even on a smaller machine
     parallel = data.prepare(s, tiny_tokenizer, "llama")
-    monkeypatch.setattr(data, "PARALLEL_FROM_ROWS", 10**9)
+    monkeypatch.setattr(workers, "PARALLEL_FROM_ROWS", 10**9)
     serial = data.prepare(s, tiny_tokenizer, "llama")
     assert parallel.train["input_ids"] == serial.train["input_ids"] and parallel.stats == serial.stats
     assert parallel.eval["labels"] == serial.eval["labels"] and parallel.end_of_turn_id == serial.end_of_turn_id
 
-    monkeypatch.setattr(data, "PARALLEL_FROM_ROWS", 2048)
+    monkeypatch.setattr(workers, "PARALLEL_FROM_ROWS", 2048)
     rows[2900] = rows[2950] = {"prompt": "q", "completion": "  "}
     with pytest.raises(DataError, match=r"d.jsonl:2901: .*SKIP_BAD_ROWS"):
         data.prepare(make(tmp_path, rows), tiny_tokenizer, "llama")

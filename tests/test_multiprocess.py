@@ -18,13 +18,14 @@ TINY = {"MAX_STEPS": "8", "MAX_LENGTH": "128", "MICRO_BATCH_SIZE": "4", "EVAL_ST
         "LOGGING_STEPS": "2", "REPORT_TO": "none"}
 
 # Loaded by every Python process started with it on PYTHONPATH: appends the caller's RANK to a file each
-# time job.data.prepare (reading, rendering and tokenizing the data set) runs.
+# time job.data.prepare (reading, rendering and tokenizing the data set) runs. It wraps prepare in the module
+# whose load calls it, job.data.preparation.
 COUNT_TOKENIZATION = textwrap.dedent('''
     import importlib.abc, importlib.machinery, os, sys
 
     class _CountPrepare(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "job.data":
+            if name != "job.data.preparation":
                 return None
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             run_module = spec.loader.exec_module

@@ -1,0 +1,76 @@
+"""Rows to tokens on every CPU core this process may use: forked workers render and tokenize chunks of rows, each
+row as DATA_FORMAT reads it and the chat template renders it, and send back the tokens in file order."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass
+
+from job.config import Settings
+from job.data.formats import to_messages
+from job.data.reading import Row
+from job.data.templates import end_of_turn_id, loss_targets, render_row, tokenize
+from job.errors import DataError
+
+
+@dataclass(frozen=True)
+class Work:
+    """What turns a row into tokens; forked workers inherit it (tokenizers and templates do not pickle cheaply)."""
+
+    settings: Settings
+    tokenizer: object
+    template: str
+    format_name: str
+    data_format: str
+
+
+# Rows a worker takes at a time: enough that sending back the tokens costs little beside making them.
+CHUNK_ROWS = 256
+PARALLEL_FROM_ROWS = 2048  # below this, starting the workers costs more than it saves
+_work: Work | None = None  # the forked workers' copy
+
+
+def render_and_tokenize(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+    """(conversation, input ids, labels) of every good row in order, the bad rows skipped (when SKIP_BAD_ROWS), and
+    the end-of-turn token. Runs on every CPU core this process may use, in forked workers: rendering a chat template
+    and tokenizing is Python work per row, one core's worth in one process. A bad row stops it naming file:line
+    (the first in file order), as in one process."""
+    global _work
+    chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    if len(rows) < PARALLEL_FROM_ROWS or workers < 2:
+        results = [_chunk(work, chunk) for chunk in chunks]
+    else:
+        _work = work
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                results = list(pool.imap(_chunk_in_worker, chunks))
+        finally:
+            _work = None
+    done = [item for chunk_done, _, _ in results for item in chunk_done]
+    skipped = [text for _, chunk_skipped, _ in results for text in chunk_skipped]
+    eot = next((e for _, _, e in results if e is not None), None)
+    return done, skipped, eot
+
+
+def _chunk_in_worker(rows: list[Row]):
+    return _chunk(_work, rows)
+
+
+def _chunk(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+    s, tokenizer = work.settings, work.tokenizer
+    done, skipped, eot = [], [], None
+    for row in rows:
+        try:
+            chat = to_messages(row, work.data_format, s)
+            segments = render_row(row, chat, tokenizer, work.template, work.format_name, s)
+        except DataError as error:
+            if not s.skip_bad_rows:
+                raise DataError(f"{error} (set SKIP_BAD_ROWS=true to skip such rows)") from None
+            skipped.append(str(error))
+            continue
+        if eot is None:
+            eot = end_of_turn_id(segments, tokenizer)
+        done.append((chat, *tokenize(loss_targets(segments, s.loss_on), tokenizer)))
+    return done, skipped, eot
