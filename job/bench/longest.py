@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import threading
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from job.bench.workload import build_model, log
 from job.speed.modules import hf_model
@@ -43,72 +43,25 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
     mode "long": the job's own path (job.speed's levers + this mode forced on); "stock": TRL with recomputation,
     sdpa, liger when asked, batch 1, packing (padding-free), nothing of the job's.
     """
-    import datasets
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback, TrainerCallback
-
-    from job import config as job_config
-    from job import speed
-    from job.bench.recipes import Stock
-    from job.trainer import build_trainer, fixed_steps, stock_trainer
+    from transformers import PrinterCallback
 
     result = {"length": length, "mode": mode, "steps": steps, "ok": False, "liger": liger, "cap_gib": cap_gib}
     peak_rss, stop = _rss_sampler()
     started = time.time()
-    cuda = torch.cuda.is_available()
-    cfg = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    generator = torch.Generator().manual_seed(0)
-    vocab = min(cfg.vocab_size, 32000)
-    ids = [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(steps)]
-    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
-    marks = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(["begin", time.perf_counter()])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(["end", time.perf_counter()])
-
+    timer = _StepTimes()
     trainer = None
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            common = fixed_steps(scratch, steps, logging_steps=1)
-            if mode == "stock":
-                if cap_gib and cuda:
-                    speed.apply_memory_cap(speed.probe(cap_gib))
-                recipe = Stock(attn="sdpa", liger=liger, recompute=True, batch=1)
-                trainer = stock_trainer(recipe, model_dir, tokenizer, rows, max_length=length, callbacks=[Timer()],
-                                        **common)
-            else:
-                env = {k: v for k, v in os.environ.items()
-                       if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
-                                if f.metadata["group"] in ("speed", "model")}}
-                flags = {"base_model": model_dir, "output_dir": scratch, "max_length": length,
-                         "micro_batch_size": 1, "grad_accum": 1, "long_context": "on",
-                         "liger": "auto" if liger else "false", "gpu_memory_gib": cap_gib}
-                s = job_config.load(flags, environ=env)
-                levers = speed.setup(s, cfg)
-                result["levers"] = {k: v for k, v in levers.summary().items() if k != "why"}
-                trainer, installed = build_trainer(s, model_dir, cfg, levers, tokenizer, rows,
-                                                   stats={"train_tokens": length * steps},
-                                                   device_map={"": 0} if cuda else None, callbacks=[Timer()],
-                                                   **common)
-                result["long"] = installed["long_context"]
+            trainer = _trial_trainer(model_dir, length, steps, mode, liger, cap_gib, scratch, timer, result)
             result["load_s"] = round(time.time() - started, 1)
             trainer.remove_callback(PrinterCallback)
-            if cuda:
+            if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        seconds = [end - begin for (_, begin), (_, end) in zip(marks[0::2], marks[1::2])]
         result.update(ok=bool(losses) and all(math.isfinite(x) for x in losses), loss=losses,
-                      step_s=[round(x, 2) for x in seconds],
-                      tokens_per_s=round(length / seconds[-1], 1) if seconds else None)
+                      step_s=[round(x, 2) for x in timer.seconds],
+                      tokens_per_s=round(length / timer.seconds[-1], 1) if timer.seconds else None)
         if not result["ok"]:
             result["error"] = f"loss not finite: {losses}"
     except torch.OutOfMemoryError as error:
@@ -120,19 +73,79 @@ def trial(model_dir: str, length: int, steps: int, mode: str, liger: bool = True
         result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
     finally:
         stop.set()
-        if cuda:
-            result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
-            result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 2)
-            result["device"] = torch.cuda.get_device_name()
-        result["peak_host_gib"] = round(peak_rss[0] / GiB, 2)
-        if trainer is not None:
-            mode_obj = getattr(hf_model(trainer.model), "_longctx", None)
-            if mode_obj is not None:
-                result["pinned_gib"] = round(mode_obj.store.pinned_bytes / GiB, 2)
-                result["pin_s"] = round(mode_obj.store.pin_seconds, 1)
-                result["offload"] = dict(mode_obj.store.counters, method=mode_obj.store.pin_method)
-        result["wall_s"] = round(time.time() - started, 1)
+        result.update(_memory_used(trainer, peak_rss[0]), wall_s=round(time.time() - started, 1))
     return result
+
+
+class _StepTimes(TrainerCallback):
+    """Each optimizer step's seconds, the GPU synchronized at both ends (one long step: no queue to keep full)."""
+
+    def __init__(self):
+        self.marks = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._mark()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mark()
+
+    def _mark(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+
+    @property
+    def seconds(self) -> list[float]:
+        return [end - begin for begin, end in zip(self.marks[0::2], self.marks[1::2])]
+
+
+def _trial_trainer(model_dir: str, length: int, steps: int, mode: str, liger: bool, cap_gib: float, scratch: str,
+                   timer, result: dict):
+    """The trial's trainer on `steps` rows of one `length`-token random sequence each."""
+    import datasets
+    from transformers import AutoConfig, AutoTokenizer
+
+    from job import speed
+    from job.bench.recipes import Stock
+    from job.bench.workload import job_settings
+    from job.trainer import build_trainer, fixed_steps, stock_trainer
+
+    cuda = torch.cuda.is_available()
+    cfg = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(cfg.vocab_size, 32000)
+    ids = [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(steps)]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    common = fixed_steps(scratch, steps, logging_steps=1)
+    if mode == "stock":
+        if cap_gib and cuda:
+            speed.apply_memory_cap(speed.probe(cap_gib))
+        recipe = Stock(attn="sdpa", liger=liger, recompute=True, batch=1)
+        return stock_trainer(recipe, model_dir, tokenizer, rows, max_length=length, callbacks=[timer], **common)
+    s = job_settings(model_dir, scratch, max_length=length, micro_batch_size=1, grad_accum=1, long_context="on",
+                     liger="auto" if liger else "false", gpu_memory_gib=cap_gib)
+    levers = speed.setup(s, cfg)
+    result["levers"] = {k: v for k, v in levers.summary().items() if k != "why"}
+    trainer, installed = build_trainer(s, model_dir, cfg, levers, tokenizer, rows,
+                                       stats={"train_tokens": length * steps},
+                                       device_map={"": 0} if cuda else None, callbacks=[timer], **common)
+    result["long"] = installed["long_context"]
+    return trainer
+
+
+def _memory_used(trainer, peak_rss: int) -> dict:
+    """Peak GPU and host memory, and what the long-context mode pinned and moved."""
+    used = {"peak_host_gib": round(peak_rss / GiB, 2)}
+    if torch.cuda.is_available():
+        used.update(peak_gpu_gib=round(torch.cuda.max_memory_allocated() / GiB, 2),
+                    peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 2),
+                    device=torch.cuda.get_device_name())
+    mode = getattr(hf_model(trainer.model), "_longctx", None) if trainer is not None else None
+    if mode is not None:
+        used.update(pinned_gib=round(mode.store.pinned_bytes / GiB, 2), pin_s=round(mode.store.pin_seconds, 1),
+                    offload=dict(mode.store.counters, method=mode.store.pin_method))
+    return used
 
 
 def run_trial(length: int, *, model_dir: str, steps: int = 1, mode: str = "long", liger: bool = True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.bench.recipes import Phase
-from job.bench.workload import _params, dataset, log
+from job.bench.workload import _params, dataset, job_settings, log
 
 
 @dataclass
@@ -162,86 +161,33 @@ def _isolated_patches():
 def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
     """Load, train warm-up + timed steps, measure; an out-of-memory error is a result, not a crash."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+    from transformers import AutoConfig, PrinterCallback
     from trl import SFTTrainer
 
-    from job import config as job_config
-    from job import speed
-    from job.speed.planner import StepModel
-    from job.trainer import JobTrainer, build_trainer, fixed_steps, stock_trainer
+    from job.trainer import JobTrainer
 
     recipe = phase.stock.describe(opts.max_length) if phase.stock else "job defaults"
     result = Result(phase.name, recipe, phase.cap_gib)
-    steps = opts.warmup + opts.steps
-    trainer = None
     cuda = torch.cuda.is_available()  # CPU only in the tests of this plumbing, on the tiny model
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        total = torch.cuda.mem_get_info()[1]
-        torch.cuda.set_per_process_memory_fraction(min(1.0, phase.cap_gib * 2**30 / total) if phase.cap_gib else 1.0)
+    _start_on_gpu(phase.cap_gib if cuda else None)
     counter = _TokenCount()
     timer = _step_timer(opts.warmup, counter)
     callbacks = [timer] + ([_profiler(opts.warmup)] if phase.profile and cuda else [])
     trainer_class = _timed_trainer(JobTrainer if phase.kind == "job" else SFTTrainer, counter)
     cfg = AutoConfig.from_pretrained(nf4_dir)
-    tokenizer = AutoTokenizer.from_pretrained(nf4_dir)
     started = time.time()
+    trainer = None
     gc.callbacks.append(timer.collecting)
     try:
         with _isolated_patches(), tempfile.TemporaryDirectory() as scratch:
-            common = fixed_steps(scratch, steps, logging_steps=steps)
-            if phase.kind == "job":
-                flags = {"base_model": str(nf4_dir), "output_dir": scratch, "max_length": opts.max_length,
-                         "gpu_memory_gib": phase.cap_gib, **phase.overrides}
-                s = job_config.load(flags, environ={k: v for k, v in os.environ.items()
-                                                    if k in {job_config.env_name(f) for f in job_config.FIELDS.values()
-                                                             if f.metadata["group"] in ("speed", "model")}})
-                levers = speed.plan(s, cfg, step=dataclasses.replace(StepModel(), **phase.step_model))
-                result.levers = levers.summary()
-                result.rows_per_step = levers.micro_batch_size * levers.grad_accum
-                log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()
-                                                         if k not in ("why", "device", "budget_gib")))
-                trainer, result.installed = build_trainer(s, str(nf4_dir), cfg, levers, tokenizer, dataset(rows),
-                                                          device_map={"": 0} if cuda else None,
-                                                          trainer_class=trainer_class, callbacks=callbacks, **common)
-                log(f"{phase.name}: installed {result.installed}")
-            else:
-                result.rows_per_step = phase.stock.rows
-                trainer = stock_trainer(phase.stock, nf4_dir, tokenizer, dataset(rows), max_length=opts.max_length,
-                                        trainer_class=trainer_class, callbacks=callbacks, **common)
+            trainer = _trainer(phase, nf4_dir, cfg, rows, opts, scratch, result, trainer_class, callbacks)
             result.load_s = round(time.time() - started, 1)
             log(f"{phase.name}: model loaded in {result.load_s}s; training {opts.warmup} warm-up + {opts.steps} timed steps")
             trainer.remove_callback(PrinterCallback)  # its log lines would mix into the report on stdout
             trainer.train()
-        marks = timer.marks
-        if len(marks) < 2 or marks[0][0] != opts.warmup:
-            raise RuntimeError("training stopped before the timed steps (too few rows?)")
-        (s0, t0, n0, gc0, r0), (s1, t1, n1, gc1, r1) = marks[0], marks[-1]
-        timed = s1 - s0
-        result.gc_s_per_step = round((gc1 - gc0) / timed, 4)
-        result.alloc_retries_per_step = round((r1 - r0) / timed, 2)
-        tokens = _TokenCount.between(n0, n1)
-        seconds = t1 - t0
-        result.ok, result.steps = True, timed
-        result.tokens_per_s = tokens / seconds
-        result.step_s = seconds / timed
-        result.tokens_per_step = tokens / timed
-        peak = speed.peak_tflops(torch.cuda.get_device_name()) if cuda else 0.0
-        result.mfu = 4 * _params(cfg) * result.tokens_per_s / (peak * 1e12) if peak else 0.0
-    except torch.OutOfMemoryError as error:
-        result.error = "out of memory"
-        log(f"{phase.name}: out of memory ({str(error).splitlines()[0][:160]})")
+        _measure(result, timer.marks, opts, cfg)
     except Exception as error:  # a broken phase is reported; the others still run  # noqa: BLE001
-        if "out of memory" in str(error).lower():
-            result.error = "out of memory"
-        else:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-            result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-        log(f"{phase.name}: failed: {result.error}")
+        _failed(result, error)
     finally:
         gc.callbacks.remove(timer.collecting)
         del trainer
@@ -256,3 +202,78 @@ def run_phase(phase: Phase, nf4_dir: Path, rows, opts) -> Result:
             f"{result.tokens_per_step:,.0f} tokens/step, peak {result.peak_reserved_gib} GiB, MFU {result.mfu:.1%}, "
             f"gc {result.gc_s_per_step * 1e3:.0f} ms/step, allocator retries {result.alloc_retries_per_step:g}/step")
     return result
+
+
+def _start_on_gpu(cap_gib: float | None) -> None:
+    """A clean allocator for the phase, capped at `cap_gib` (0: uncapped; None: no GPU)."""
+    import torch
+
+    gc.collect()
+    if cap_gib is None:
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total) if cap_gib else 1.0)
+
+
+def _trainer(phase: Phase, nf4_dir: Path, cfg, rows, opts, scratch: str, result: Result, trainer_class, callbacks):
+    """The phase's trainer: the job's (its levers planned for this card and cap) or a stock recipe's."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from job import speed
+    from job.speed.planner import StepModel
+    from job.trainer import build_trainer, fixed_steps, stock_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(nf4_dir)
+    common = fixed_steps(scratch, opts.warmup + opts.steps, logging_steps=opts.warmup + opts.steps)
+    if phase.kind != "job":
+        result.rows_per_step = phase.stock.rows
+        return stock_trainer(phase.stock, nf4_dir, tokenizer, dataset(rows), max_length=opts.max_length,
+                             trainer_class=trainer_class, callbacks=callbacks, **common)
+    s = job_settings(nf4_dir, scratch, max_length=opts.max_length, gpu_memory_gib=phase.cap_gib, **phase.overrides)
+    levers = speed.plan(s, cfg, step=dataclasses.replace(StepModel(), **phase.step_model))
+    result.levers = levers.summary()
+    result.rows_per_step = levers.micro_batch_size * levers.grad_accum
+    log(f"{phase.name}: levers " + ", ".join(f"{k}={v}" for k, v in result.levers.items()
+                                             if k not in ("why", "device", "budget_gib")))
+    trainer, result.installed = build_trainer(s, str(nf4_dir), cfg, levers, tokenizer, dataset(rows),
+                                              device_map={"": 0} if torch.cuda.is_available() else None,
+                                              trainer_class=trainer_class, callbacks=callbacks, **common)
+    log(f"{phase.name}: installed {result.installed}")
+    return trainer
+
+
+def _measure(result: Result, marks: list, opts, cfg) -> None:
+    """Tokens/s, seconds a step, MFU, collector time and allocator retries between the two timing marks."""
+    import torch
+
+    from job import speed
+
+    if len(marks) < 2 or marks[0][0] != opts.warmup:
+        raise RuntimeError("training stopped before the timed steps (too few rows?)")
+    (s0, t0, n0, gc0, r0), (s1, t1, n1, gc1, r1) = marks[0], marks[-1]
+    timed = s1 - s0
+    result.gc_s_per_step = round((gc1 - gc0) / timed, 4)
+    result.alloc_retries_per_step = round((r1 - r0) / timed, 2)
+    tokens = _TokenCount.between(n0, n1)
+    seconds = t1 - t0
+    result.ok, result.steps = True, timed
+    result.tokens_per_s = tokens / seconds
+    result.step_s = seconds / timed
+    result.tokens_per_step = tokens / timed
+    peak = speed.peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else 0.0
+    result.mfu = 4 * _params(cfg) * result.tokens_per_s / (peak * 1e12) if peak else 0.0
+
+
+def _failed(result: Result, error: Exception) -> None:
+    if "out of memory" in str(error).lower():  # torch.OutOfMemoryError, or a kernel's own wording of it
+        result.error = "out of memory"
+        log(f"{result.name}: out of memory ({str(error).splitlines()[0][:160]})")
+        return
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
+    result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    log(f"{result.name}: failed: {result.error}")

@@ -95,3 +95,13 @@ def _params(cfg) -> int:
     from job.speed import Shape
 
     return Shape.of(cfg).params
+
+
+def job_settings(model_dir, output_dir: str, **flags):
+    """The job's settings for a timed run of its own path: its defaults, the speed and model settings of the
+    environment (so `LIGER=false job bench` times that), and `flags` (field names) on top."""
+    from job import config
+
+    wanted = {config.env_name(f) for f in config.FIELDS.values() if f.metadata["group"] in ("speed", "model")}
+    return config.load({"base_model": str(model_dir), "output_dir": output_dir, **flags},
+                       environ={k: v for k, v in os.environ.items() if k in wanted})
