@@ -157,3 +157,26 @@ def test_under_a_cap_stock_is_also_timed_at_the_jobs_rows_per_step():
     got = report.ratios(results)
     assert got["cap 16 GiB job/best stock"] == round(10400 / 9041, 2)
     assert got["cap 16 GiB job/stock at 4 rows a step"] == 1.3
+
+
+def test_the_stock_script_times_stock_trl_in_a_process_of_its_own(tiny_model, tmp_path):
+    """The stock recipe run by a script that imports nothing of the job, on the bench's model and rows; the job's
+    ratio is taken against the faster of it and the bench's own stock phase."""
+    import ast
+
+    from job.bench import compare
+
+    source = ast.parse(compare.STOCK_SCRIPT.read_text())
+    imported = {a.name for n in ast.walk(source) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module for n in ast.walk(source) if isinstance(n, ast.ImportFrom)}
+    assert not any(name.split(".")[0] == "job" for name in imported)
+    rows = workload.make_rows(40, 1024, 256, seed=0, median=60)
+    opts = recipes.Options(max_length=256, warmup=1, steps=2)
+    result = compare.stock_script(Path(tiny_model), rows, opts, tmp_path,
+                                  recipes.Stock(attn="sdpa", liger=False, batch=2))
+    assert result.ok, result.error
+    assert result.steps == 2 and result.tokens_per_s > 0 and 0 < result.tokens_per_step <= 2 * 256
+    ok = {"ok": True, "rows_per_step": 4}
+    faster = [phase.Result("job", "job", tokens_per_s=14000.0, **ok), phase.Result("stock", "s", tokens_per_s=10000.0, **ok),
+              phase.Result("stock script", "s", tokens_per_s=11200.0, **ok)]
+    assert report.ratios(faster)["job/stock"] == 1.25 and report.ratios(faster)["stock script/stock phase"] == 1.12

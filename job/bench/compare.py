@@ -11,9 +11,11 @@ from pathlib import Path
 from job.bench.checks import self_check
 from job.bench.phase import Result, run_phase
 from job.bench.recipes import (
+    STOCK_BEST,
     STOCK_UNDER_CAP,
     Options,
     Phase,
+    Stock,
     job_phase_name,
     plan_phases,
     same_rows_recipes,
@@ -61,6 +63,8 @@ def run(opts: Options) -> dict:
     for number, phase in enumerate(phases, 1):
         log(f"phase {number}/{len(phases)}: {phase.name}")
         timed(phase)
+        if phase.name == "stock":
+            results.append(stock_script(nf4_dir, rows, opts, root))
     for cap in opts.memory_caps:
         _under_cap(cap, opts, timed)
     return report()
@@ -88,3 +92,42 @@ def _under_cap(cap: float, opts: Options, timed) -> None:
         log(f"memory cap {cap:g} GiB: stock at the job's {rows} rows a step, {recipe.describe(opts.max_length)}")
         if timed(Phase(f"stock@{cap:g}GiB {rows} rows", "stock", recipe, cap_gib=cap)).ok:
             return
+
+
+STOCK_SCRIPT = Path(__file__).with_name("stock_script.py")
+
+
+def stock_script(nf4_dir: Path, rows: dict, opts: Options, root: Path, recipe: Stock = STOCK_BEST,
+                 timeout: float = 900) -> Result:
+    """The stock phase's recipe run by stock_script.py, a process that does not import the job, on the same
+    model and rows: the job's ratio is taken against the faster of the two stock figures."""
+    import subprocess
+    import sys
+
+    result = Result("stock script", "stock_script.py: " + recipe.describe(opts.max_length))
+    rows_file = root / "rows.jsonl"
+    with rows_file.open("w") as out:
+        for ids, labels in zip(rows["input_ids"], rows["labels"]):
+            out.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+    command = [sys.executable, "-P", str(STOCK_SCRIPT), "--model-dir", str(nf4_dir), "--rows", str(rows_file),
+               "--max-length", str(opts.max_length), "--warmup", str(opts.warmup), "--steps", str(opts.steps),
+               "--batch", str(recipe.batch), "--attn", recipe.attn]
+    command += ([] if recipe.liger else ["--no-liger"]) + (["--recompute"] if recipe.recompute else [])
+    log(f"stock script: {' '.join(command[2:])}")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        result.error = f"timed out after {timeout:.0f}s"
+        return result
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or [""])[-1]
+        result.error = "out of memory" if "out of memory" in done.stderr.lower() else f"exit {done.returncode}: {tail}"
+        return result
+    figures = json.loads(lines[-1])
+    result.ok, result.steps, result.rows_per_step = True, figures["steps"], recipe.rows
+    result.tokens_per_s, result.step_s = figures["tokens_per_s"], figures["step_s"]
+    result.tokens_per_step = result.tokens_per_s * result.step_s
+    result.peak_reserved_gib = figures["peak_reserved_gib"]
+    log(f"stock script: {result.tokens_per_s:,.0f} tokens/s, {result.step_s:.3f} s/step")
+    return result
