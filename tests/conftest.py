@@ -1,4 +1,5 @@
-"""Shared fixtures: a private HF_HOME, the tiny model built once, one trained and one merged output."""
+"""Shared fixtures: a private HF_HOME, the tiny model built once, settings without dropout, one trained and one
+merged output."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobtools import TRAINED, copy_output, run_job, settings_for
+from tests.jobtools import TRAINED, copy_output, run_job, settings, settings_for
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +42,12 @@ def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def quiet():
+    """Settings without LoRA dropout, so that two forward passes of one adapted model agree."""
+    return settings(lora_dropout=0.0)
 
 
 @pytest.fixture(scope="session")

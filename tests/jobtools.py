@@ -1,4 +1,5 @@
-"""Running the `job` CLI as users do: a subprocess with settings in its environment."""
+"""Running the `job` CLI as users do (a subprocess with settings in its environment), the settings of a test, and
+hooks that watch what the job's processes do."""
 
 from __future__ import annotations
 
@@ -50,12 +51,19 @@ def copy_output(source: Path, target: Path) -> Path:
     return target
 
 
-def settings_for(output: Path, **extra) -> Settings:
-    """Settings for a later stage (merge, push) on a copy of `trained_output`, merging into SHARD-sized shards."""
+def settings(**overrides) -> Settings:
+    """Settings as job.config resolves them, for a test: a lowercase name is a flag (`max_length=4096`), an UPPERCASE
+    one an environment variable (`STRATEGY="fsdp"`, `SLURM_NODEID="1"`); nothing comes from this process's own
+    environment."""
     from job import config
 
-    return config.load(environ={"OUTPUT_DIR": str(output), "MERGE_MAX_SHARD_SIZE": SHARD, **TRAINED,
-                                **{k: str(v) for k, v in extra.items()}})
+    flags = {k: v for k, v in overrides.items() if not k.isupper()}
+    return config.load(flags, environ={k: str(v) for k, v in overrides.items() if k.isupper()})
+
+
+def settings_for(output: Path, **extra) -> Settings:
+    """Settings for a later stage (merge, push) on a copy of `trained_output`, merging into SHARD-sized shards."""
+    return settings(OUTPUT_DIR=output, MERGE_MAX_SHARD_SIZE=SHARD, **TRAINED, **extra)
 
 
 def start_job(hf_home: Path, command: str, log_path: Path, **settings) -> subprocess.Popen:
@@ -90,52 +98,75 @@ def wait_for_step(log_path: Path, step: int, process: subprocess.Popen, timeout:
     raise TimeoutError(f"step {step} not reached")
 
 
-# Loaded by every Python process started with it on PYTHONPATH (as sitecustomize), with JOB_TEST_ROW_LOG naming a
-# directory: each training step of job.train's trainer appends "<optimizer step> <row hash>" for every row it
-# trains on to row-<RANK>.txt there. Rows are told apart within a packed sequence by their positions restarting
-# at 0; the hash is of the row's token ids. The trainer's own code runs unchanged.
-ROW_LOG_HOOK = textwrap.dedent('''
-    import hashlib, importlib.abc, importlib.machinery, os, sys
+# What `import_hook` fills in: a finder first on sys.meta_path that lets `module` load as it would, then runs
+# `patch(module)` on it.
+_IMPORT_HOOK = """
+import importlib.abc, importlib.machinery, sys
 
-    class _LogRows(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "job.train":
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run_module = spec.loader.exec_module
+{patch}
 
-            def exec_module(module):
-                run_module(module)
-                training_step = module.JobTrainer.training_step
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != {module!r}:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run_module = spec.loader.exec_module
 
-                def logged(self, model, inputs, *args, **kwargs):
-                    ids, positions = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
-                    starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
-                    step = self.state.global_step + 1  # the optimizer step this micro-batch is part of
-                    path = os.path.join(os.environ["JOB_TEST_ROW_LOG"], f"row-{os.environ.get('RANK', '0')}.txt")
-                    with open(path, "a") as log:
-                        for start, end in zip(starts, starts[1:]):
-                            digest = hashlib.sha1(str(ids[start:end]).encode()).hexdigest()[:16]
-                            log.write(f"{step} {digest}\\n")
-                    return training_step(self, model, inputs, *args, **kwargs)
+        def exec_module(module):
+            run_module(module)
+            patch(module)
 
-                module.JobTrainer.training_step = logged
+        spec.loader.exec_module = exec_module
+        return spec
 
-            spec.loader.exec_module = exec_module
-            return spec
+sys.meta_path.insert(0, _PatchOnImport())
+"""
 
-    sys.meta_path.insert(0, _LogRows())
+
+def import_hook(module: str, patch: str) -> str:
+    """The source of a sitecustomize that runs `patch` (source defining `patch(module)`, and what it imports) on
+    `module` when a process imports it."""
+    return _IMPORT_HOOK.format(module=module, patch=textwrap.dedent(patch).strip())
+
+
+def sitecustomize(directory: Path, source: str, monkeypatch) -> Path:
+    """Make `source` the sitecustomize of every Python process started from here on (first on PYTHONPATH)."""
+    directory.mkdir(parents=True)
+    (directory / "sitecustomize.py").write_text(source)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")])))
+    return directory
+
+
+# With JOB_TEST_ROW_LOG naming a directory: each training step of job.train's trainer appends "<optimizer step>
+# <row hash>" for every row it trains on to row-<RANK>.txt there. Rows are told apart within a packed sequence by
+# their positions restarting at 0; the hash is of the row's token ids. The trainer's own code runs unchanged.
+ROW_LOG_HOOK = import_hook("job.train", '''
+    import hashlib, os
+
+    def patch(module):
+        training_step = module.JobTrainer.training_step
+
+        def logged(self, model, inputs, *args, **kwargs):
+            ids, positions = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+            step = self.state.global_step + 1  # the optimizer step this micro-batch is part of
+            path = os.path.join(os.environ["JOB_TEST_ROW_LOG"], f"row-{os.environ.get('RANK', '0')}.txt")
+            with open(path, "a") as log:
+                for start, end in zip(starts, starts[1:]):
+                    digest = hashlib.sha1(str(ids[start:end]).encode()).hexdigest()[:16]
+                    log.write(f"{step} {digest}\\n")
+            return training_step(self, model, inputs, *args, **kwargs)
+
+        module.JobTrainer.training_step = logged
 ''')
 
 
 def log_rows(directory: Path, monkeypatch) -> Path:
     """Make the training processes started from here on log the rows they train on (ROW_LOG_HOOK) under
     `directory`; returns the log directory, read with `trained_rows`."""
-    hook, rows = directory / "row-hook", directory / "rows"
-    hook.mkdir(parents=True)
+    rows = directory / "rows"
+    sitecustomize(directory / "row-hook", ROW_LOG_HOOK, monkeypatch)
     rows.mkdir()
-    (hook / "sitecustomize.py").write_text(ROW_LOG_HOOK)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("JOB_TEST_ROW_LOG", str(rows))
     return rows
 

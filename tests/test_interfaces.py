@@ -6,12 +6,7 @@ First the decision with the lookups injected, then `job preflight` in a network 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import random
-import shutil
-import string
 import subprocess
 import sys
 
@@ -19,18 +14,9 @@ import pytest
 
 from job import config, launch
 from job.errors import ConfigError
-from tests.cluster.slurm import (
-    SlurmHarnessError,
-    add_netns,
-    add_veth,
-    del_netns,
-    kill_netns_processes,
-    node_argv,
-    pick_subnet,
-    set_address,
-    write_hosts,
-)
+from tests import netns
 from tests.jobtools import REPO, job_env
+from tests.netns import node_argv, write_hosts
 
 BOTH = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "eth1"}
 
@@ -100,39 +86,10 @@ def test_the_kernel_names_the_loopback_interface():
     assert launch._is_loopback("127.0.1.1") and launch._is_loopback("::1") and not launch._is_loopback("node1")
 
 
-def _why_no_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network, mount and UTS namespaces)"
-    missing = [b for b in ("ip", "nsenter", "unshare", "mount") if shutil.which(b) is None]
-    return f"missing {', '.join(missing)}" if missing else None
-
-
-@contextlib.contextmanager
-def two_machines():
-    """Two network namespaces joined by a veth pair; yields ((namespace, address, interface), ...) per machine.
-    Everything made is removed afterwards, the processes inside killed."""
-    rid = "".join(random.choices(string.ascii_lowercase, k=4))
-    net = pick_subnet(79)
-    machines = [(f"if-{rid}-{i}", str(address), f"iv-{rid}-{i}") for i, address in enumerate(list(net.hosts())[:2])]
-    try:
-        for ns, _, _ in machines:
-            add_netns(ns)
-        add_veth(machines[0][2], machines[1][2], netns=machines[0][0], peer_netns=machines[1][0])
-        for ns, address, dev in machines:
-            set_address(ns, dev, f"{address}/{net.prefixlen}")
-        yield machines
-    finally:
-        for ns, _, _ in machines:
-            with contextlib.suppress(SlurmHarnessError):
-                kill_netns_processes(ns)
-            with contextlib.suppress(SlurmHarnessError):
-                del_netns(ns)  # its veth end goes with it
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_why_no_namespaces() is not None, reason=f"namespaces: {_why_no_namespaces()}")
+@pytest.mark.skipif(netns.missing() is not None, reason=f"namespaces: {netns.missing()}")
 def test_preflight_on_a_machine_whose_host_name_is_loopback_sets_its_veth_interface(tmp_path, hf_home):
-    with two_machines() as ((_, main_address, _), (ns, _, veth)):
+    with netns.veth_pair("if", 79) as ((_, main_address, _), (ns, _, veth)):
         hosts = write_hosts(tmp_path / "hosts", [("127.0.1.1", "node2"), (main_address, "node1")])  # Debian's line
         settings = dict(OUTPUT_DIR=tmp_path / "o", NUM_MACHINES=2, MACHINE_RANK=1, MAIN_ADDRESS="node1",
                         MAIN_PORT=29511, OMP_NUM_THREADS=1)

@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shlex
-import shutil
-import string
 import subprocess
 from pathlib import Path
 
@@ -23,17 +20,8 @@ import pytest
 import yaml
 
 from job import config, launch
-from tests.cluster.slurm import (
-    SlurmHarnessError,
-    add_netns,
-    add_veth,
-    del_netns,
-    kill_netns_processes,
-    node_argv,
-    pick_subnet,
-    set_address,
-    write_hosts,
-)
+from tests import netns
+from tests.netns import node_argv, write_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -193,30 +181,6 @@ def _image() -> dict:
 
 
 @contextlib.contextmanager
-def pod_network(count: int):
-    """`count` network namespaces joined by veth pairs to the first (two pods: one pair); yields
-    (namespace, address) per pod. Everything made is removed afterwards, the processes inside killed."""
-    assert count == 2, "one veth pair joins two pods"
-    rid = "".join(random.choices(string.ascii_lowercase, k=4))
-    net = pick_subnet(78)
-    hosts = [str(h) for h in list(net.hosts())[:count]]
-    names = [f"k8s-{rid}-{i}" for i in range(count)]
-    try:
-        for ns in names:
-            add_netns(ns)
-        add_veth(f"kv-{rid}-0", f"kv-{rid}-1", netns=names[0], peer_netns=names[1])
-        for i, ns in enumerate(names):
-            set_address(ns, f"kv-{rid}-{i}", f"{hosts[i]}/{net.prefixlen}")
-        yield list(zip(names, hosts))
-    finally:
-        for ns in names:
-            with contextlib.suppress(SlurmHarnessError):
-                kill_netns_processes(ns)
-            with contextlib.suppress(SlurmHarnessError):
-                del_netns(ns)  # its veth end goes with it
-
-
-@contextlib.contextmanager
 def mount_points(paths):
     """Directories to mount over inside the pods' mount namespaces; those missing on this machine are made
     (empty) and removed again."""
@@ -238,7 +202,7 @@ def mount_points(paths):
                 directory.rmdir()
 
 
-def pod_process(docs: list[dict], index: int, netns: str, hostname: str, hosts_file: Path, volumes_dir: Path,
+def pod_process(docs: list[dict], index: int, ns: str, hostname: str, hosts_file: Path, volumes_dir: Path,
                 log: Path) -> subprocess.Popen:
     """Start pod `index` of the Indexed Job as the kubelet would, as far as the job can tell."""
     job = the_job(docs)
@@ -267,19 +231,12 @@ def pod_process(docs: list[dict], index: int, netns: str, hostname: str, hosts_f
                           "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
                           + " ".join(shlex.quote(a) for a in [*command, *args])])
     with open(log, "wb") as out:
-        return subprocess.Popen(node_argv(netns, hosts_file, hostname, ["/bin/sh", "-c", script]), stdout=out,
+        return subprocess.Popen(node_argv(ns, hosts_file, hostname, ["/bin/sh", "-c", script]), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def _why_no_pods() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network and mount namespaces)"
-    missing = [b for b in ("ip", "nsenter", "unshare", "mount") if shutil.which(b) is None]
-    return f"missing {', '.join(missing)}" if missing else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_why_no_pods() is not None, reason=f"pods as processes: {_why_no_pods()}")
+@pytest.mark.skipif(netns.missing() is not None, reason=f"pods as processes: {netns.missing()}")
 def test_multi_node_pods_train_together_as_processes(tmp_path):
     # the shipped overlay, with the run kept short (what a user's own overlay would do)
     (tmp_path / "overlay").mkdir()
@@ -298,13 +255,14 @@ def test_multi_node_pods_train_together_as_processes(tmp_path):
     fqdn = [f"{name}-{i}.{subdomain}.{namespace}.svc.cluster.local" for i in range(count)]
     container = job["spec"]["template"]["spec"]["containers"][0]
     volumes_dir = tmp_path / "volumes"
-    with pod_network(count) as pods, mount_points(m["mountPath"] for m in container["volumeMounts"]):
+    assert count == 2, "one veth pair joins two pods"
+    with netns.veth_pair("k8s", 78) as pods, mount_points(m["mountPath"] for m in container["volumeMounts"]):
         procs = []
-        for i, (netns, address) in enumerate(pods):
+        for i, (ns, address, _) in enumerate(pods):
             # the kubelet's /etc/hosts (own line), plus cluster DNS for the other pods' names
             hosts = write_hosts(tmp_path / f"hosts-{i}", [(address, f"{fqdn[i]} {name}-{i}"), *(
-                (a, f"{fqdn[j]} {name}-{j}.{subdomain}") for j, (_, a) in enumerate(pods) if j != i)])
-            procs.append(pod_process(docs, i, netns, f"{name}-{i}", hosts, volumes_dir, tmp_path / f"pod-{i}.log"))
+                (a, f"{fqdn[j]} {name}-{j}.{subdomain}") for j, (_, a, _) in enumerate(pods) if j != i)])
+            procs.append(pod_process(docs, i, ns, f"{name}-{i}", hosts, volumes_dir, tmp_path / f"pod-{i}.log"))
         try:
             codes = [p.wait(timeout=420) for p in procs]
         finally:

@@ -18,6 +18,7 @@ import pytest
 
 from job import config, errors, launch
 from job.errors import ConfigError
+from tests.jobtools import run_job, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +29,6 @@ SLURM_STEP = {  # what srun gives the task on the second of two nodes (seen in t
 }
 K8S_POD_1 = {"JOB_COMPLETION_INDEX": "1", "NUM_MACHINES": "2"}
 K8S_HOST = {"hostname": "qlora-1", "fqdn": "qlora-1.qlora.team.svc.cluster.local"}
-
-
-def settings(**env) -> config.Settings:
-    return config.load({}, environ={k: str(v) for k, v in env.items()})
 
 
 def resolve(environ: dict, gpus: int = 0, **host):
@@ -380,7 +377,6 @@ def test_sbatch_script_has_the_preemption_and_multi_node_parts():
 
 
 def test_preflight_prints_the_layout_it_found(tmp_path, hf_home):
-    from tests.jobtools import run_job
 
     cpu_step = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_GPUS_ON_NODE"}
     result = run_job(hf_home, "preflight", OUTPUT_DIR=tmp_path / "o", **cpu_step)

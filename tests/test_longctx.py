@@ -3,6 +3,9 @@ unpacked, on the real 4-bit tiny model; its memory plan refuses what cannot fit;
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import pytest
 import torch
 
@@ -14,14 +17,11 @@ from job.speed.attention import CUDNN_ATTENTION
 from job.speed.levers import VARLEN
 from job.speed.memory import usable_gib
 from job.speed.offload import Offloader
+from tests import jobtools
+from tests.modeltools import LLAMA_8B, LLAMA_8B_MODEL, h100, nonzero_b, tiny_trainer
 
-LLAMA_8B = {"model_type": "llama", "hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32,
-            "kv_heads": 8, "head_dim": 128, "vocab": 128256, "tied": False}
-H100 = speed.Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 79.2, 78.5, False, 989.0)
-
-
-def settings(**flags):
-    return config.load({"base_model": "x/y", "micro_batch_size": 1, **flags}, environ={})
+H100 = h100(78.5, capped=False)  # a whole card, as probed with a little taken
+settings = functools.partial(jobtools.settings, base_model=LLAMA_8B_MODEL, micro_batch_size=1)
 
 
 # ------------------------------------------------------------------------------- chunked token-wise function
@@ -86,42 +86,27 @@ def _run_of(module):
 
 # ---------------------------------------------------------------------------- the tiny model, both paths
 
-def _trainer(tmp_path, packing: bool, lengths: tuple, cuda: bool = False):
-    """The job's training objects on CPU (4-bit tiny Llama, LoRA on every linear layer, TRL's collator)."""
+def _trainer(tmp_path, tiny_model, tokenizer, packing: bool, lengths: tuple, cuda: bool = False):
+    """The job's trainer on CPU (4-bit tiny Llama, LoRA on every linear layer, TRL's collator) with TRL's own loss,
+    and a batch of rows of `lengths`."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoConfig
+    from trl import SFTTrainer
 
-    from job import model as job_model
-    from job.trainer import lever_fields
-
-    s = config.load({"output_dir": str(tmp_path), "lora_dropout": "0", "packing": str(packing),
-                     "max_length": "256"}, environ={})
-    path = job_model.resolve(s.base_model)
-    tokenizer = job_model.load_tokenizer(s, path)
-    levers = speed.plan(s, __import__("transformers").AutoConfig.from_pretrained(path))
-    base = job_model.load_model(s, path, attn_implementation=levers.attn_implementation,
-                                device_map={"": 0} if cuda else None)
-    speed.prepare_base(base, levers)
     generator = torch.Generator().manual_seed(0)
-    ids = [torch.randint(10, base.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
+    ids = [torch.randint(10, vocab, (n,), generator=generator).tolist() for n in lengths]
     labels = [[-100] * 5 + row[5:] for row in ids]
     rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(lengths), packing=packing,
-                     padding_free=packing, max_length=2048, use_cpu=not cuda, bf16=cuda, report_to="none",
-                     dataset_num_proc=None, **{k: v for k, v in lever_fields(levers).items()
-                                               if k.startswith("dataloader")})
-    trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
-                         peft_config=job_model.lora_config(s, base))
-    speed.prepare_adapted(trainer.model, levers)
-    torch.manual_seed(1)
+    trainer = tiny_trainer(tiny_model, tokenizer, rows, tmp_path, {"lora_dropout": "0", "packing": str(packing)},
+                           device_map={"": 0} if cuda else None, trainer_class=SFTTrainer,
+                           per_device_train_batch_size=len(lengths), max_length=2048, use_cpu=not cuda, bf16=cuda)
     with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                # fp32 adapters (TRL keeps them in bf16, whose rounding would hide what is compared); B starts at
-                # zero, which would leave A without gradient
+        for p in trainer.model.parameters():
+            if p.requires_grad:  # fp32 adapters (TRL keeps them in bf16, whose rounding would hide what is compared)
                 p.data = p.data.float()
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+    torch.manual_seed(1)
+    nonzero_b(trainer.model)
     batch = trainer.data_collator([rows[i] for i in range(len(lengths))])
     if cuda:
         batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -142,8 +127,8 @@ def _loss_and_grads(trainer, batch):
 
 @pytest.mark.parametrize("packing, lengths", [(True, (37, 61, 23)), (False, (45, 30)), (False, (53,))],
                          ids=["packed", "padded", "one-sequence"])
-def test_long_context_path_matches_plain_path(tmp_path, hf_home, packing, lengths):
-    trainer, batch = _trainer(tmp_path, packing, lengths)
+def test_long_context_path_matches_plain_path(tmp_path, tiny_model, tiny_tokenizer, packing, lengths):
+    trainer, batch = _trainer(tmp_path, tiny_model, tiny_tokenizer, packing, lengths)
     if packing:
         assert (batch["position_ids"] == 0).sum() == 3 and "attention_mask" not in batch
     elif len(lengths) > 1:
@@ -168,9 +153,9 @@ def test_long_context_path_matches_plain_path(tmp_path, hf_home, packing, length
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run it on the GPU machine")
 @pytest.mark.parametrize("lengths", [(300, 700, 200), (1200,)], ids=["packed-flash-varlen", "one-sample-cudnn"])
-def test_gpu_long_context_path_matches_plain_path(tmp_path, hf_home, lengths):
+def test_gpu_long_context_path_matches_plain_path(tmp_path, tiny_model, tiny_tokenizer, lengths):
     """On a GPU: the real side-stream copies, pinned buffers, flash varlen and cuDNN kernels (bf16, so looser)."""
-    trainer, batch = _trainer(tmp_path, True, lengths, cuda=True)
+    trainer, batch = _trainer(tmp_path, tiny_model, tiny_tokenizer, True, lengths, cuda=True)
     plain_loss, plain_grads = _loss_and_grads(trainer, batch)
     mode = longcontext.install(trainer.model, batch["input_ids"].numel(), cache=True, mlp_tokens=256, norm_tokens=384)
     mode.store.min_bytes = 0  # the tiny model's checkpoints are far below the usual 1 MiB
@@ -203,7 +188,7 @@ def _levers(s, shape, device=H100):
 
 
 def test_plan_for_llama_8b_on_an_h100():
-    shape = speed.Shape(**LLAMA_8B)
+    shape = LLAMA_8B
     at = {}
     for tokens in (65536, 131072, 262144):
         s = settings(max_length=tokens)
@@ -215,19 +200,13 @@ def test_plan_for_llama_8b_on_an_h100():
     assert at[65536].attention_cache and not at[262144].attention_cache
     assert at[262144].gpu_gib < 70 and at[262144].pinned_gib >= 64
     assert 262144 <= at[262144].longest < 2**20
-    capped = dataclasses_replace(H100, budget_gib=24.0, capped=True)
+    capped = h100(24.0)
     s = settings(max_length=65536)
     longcontext.check_fits(longcontext.plan(s, shape, capped, host_gib=120.0, levers=_levers(s, shape, capped)), s)
 
 
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
-
-
 def test_a_length_that_cannot_fit_is_refused_naming_the_longest_that_would():
-    shape = speed.Shape(**LLAMA_8B)
+    shape = LLAMA_8B
     s = settings(max_length=2**20)
     p = longcontext.plan(s, shape, H100, host_gib=120.0)
     with pytest.raises(ConfigError, match=r"MAX_LENGTH=1048576 .* longest that fits here is MAX_LENGTH=(\d+)") as e:
@@ -239,7 +218,7 @@ def test_a_length_that_cannot_fit_is_refused_naming_the_longest_that_would():
 
 
 def test_auto_decides_from_the_length_and_the_data():
-    shape = speed.Shape(**LLAMA_8B)
+    shape = LLAMA_8B
     assert not longcontext.plan(settings(max_length=8192), shape, H100, host_gib=120.0).on
     assert longcontext.plan(settings(max_length=8192, long_context="on"), shape, H100, host_gib=120.0).on
     assert not longcontext.plan(settings(max_length=131072, long_context="off"), shape, H100, host_gib=120.0).on
@@ -284,17 +263,17 @@ def test_search_doubles_then_bisects(limit):
 def test_the_speed_planner_leaves_memory_to_the_long_context_mode():
     """At 65,536 tokens under a 24 GiB cap job.speed once moved the embeddings to CPU memory, which the mode's
     chunked layers do not handle (a device run failed on it): in the mode, speed plans no memory of its own."""
-    shape = speed.Shape(**LLAMA_8B)
-    capped = dataclasses_replace(H100, budget_gib=24.0, capped=True)
+    shape = LLAMA_8B
+    capped = h100(24.0)
     for s in (settings(max_length=65536), settings(max_length=8192, long_context="on")):
         levers = _levers(s, shape, capped)
         assert (levers.checkpointing, levers.checkpoint_layers, levers.offload_embeddings) == ("offload", 32, False)
         assert "long-context mode" in levers.reasons["checkpointing"]
-    eight = dataclasses_replace(H100, budget_gib=8.0, capped=True)
+    eight = h100(8.0)
     plain = _levers(settings(max_length=2048), shape, eight)
     assert plain.offload_embeddings  # outside the mode the 8 GiB plan still moves them
     # a plain plan that fits its cap, however tightly, leaves the mode off (it once turned on above 90%)
-    tight = dataclasses_replace(plain, estimated_peak_gib=7.4)  # the plan with liger on the H100: 7.2
+    tight = dataclasses.replace(plain, estimated_peak_gib=7.4)  # the plan with liger on the H100: 7.2
     assert 0.9 * 8.0 < tight.estimated_peak_gib <= usable_gib(8.0)
     assert not longcontext.plan(settings(max_length=2048), shape, eight, levers=tight, host_gib=120.0).on
     with pytest.raises(ConfigError, match="OFFLOAD_EMBEDDINGS=true does not combine with the long-context mode"):
@@ -302,7 +281,7 @@ def test_the_speed_planner_leaves_memory_to_the_long_context_mode():
 
 
 def test_sharded_strategies_leave_the_long_context_mode_off():
-    shape = speed.Shape(**LLAMA_8B)
+    shape = LLAMA_8B
     p = longcontext.plan(settings(max_length=131072, strategy="fsdp"), shape, H100, host_gib=120.0)
     assert not p.on and "STRATEGY=fsdp" in p.why
     levers = _levers(settings(max_length=131072, strategy="fsdp"), shape)

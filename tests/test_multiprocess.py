@@ -5,61 +5,44 @@ global batch, and only the main process tokenizes the data (the other loads the 
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from job import config, errors, launch
+from job import errors, launch
+from tests.jobtools import import_hook, settings, sitecustomize
 
 pytestmark = pytest.mark.slow
 
 TINY = {"MAX_STEPS": "8", "MAX_LENGTH": "128", "MICRO_BATCH_SIZE": "4", "EVAL_STEPS": "1000", "SAVE_STEPS": "4",
         "LOGGING_STEPS": "2", "REPORT_TO": "none"}
 
-# Loaded by every Python process started with it on PYTHONPATH: appends the caller's RANK to a file each
-# time job.data.prepare (reading, rendering and tokenizing the data set) runs. It wraps prepare in the module
-# whose load calls it, job.data.preparation.
-COUNT_TOKENIZATION = textwrap.dedent('''
-    import importlib.abc, importlib.machinery, os, sys
+# Appends the caller's RANK to the file JOB_TEST_TOKENIZED names each time job.data.prepare (reading, rendering and
+# tokenizing the data set) runs: wrapped in job.data.preparation, the module whose load calls it.
+COUNT_TOKENIZATION = import_hook("job.data.preparation", '''
+    import os
 
-    class _CountPrepare(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "job.data.preparation":
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run_module = spec.loader.exec_module
+    def patch(module):
+        prepare = module.prepare
 
-            def exec_module(module):
-                run_module(module)
-                prepare = module.prepare
+        def counted(*args, **kwargs):
+            with open(os.environ["JOB_TEST_TOKENIZED"], "a") as log:
+                log.write(os.environ.get("RANK", "-") + "\\n")
+            return prepare(*args, **kwargs)
 
-                def counted(*args, **kwargs):
-                    with open(os.environ["JOB_TEST_TOKENIZED"], "a") as log:
-                        log.write(os.environ.get("RANK", "-") + "\\n")
-                    return prepare(*args, **kwargs)
-
-                module.prepare = counted
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _CountPrepare())
+        module.prepare = counted
 ''')
 
 
 def _train(output: Path, **extra) -> dict:
-    s = config.load({}, environ={"OUTPUT_DIR": str(output), **TINY, **extra})
+    s = settings(OUTPUT_DIR=output, **TINY, **extra)
     assert launch.run_training(s) == errors.EXIT_OK
     return json.loads((output / "metrics" / "train.json").read_text())
 
 
 def test_two_cpu_processes_train_like_one_and_tokenize_once(tmp_path, hf_home, tiny_model, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(hf_home))  # the training processes use the session's tiny model
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(COUNT_TOKENIZATION)
-    monkeypatch.setenv("PYTHONPATH", str(hook))
+    sitecustomize(tmp_path / "hook", COUNT_TOKENIZATION, monkeypatch)
     tokenized = tmp_path / "tokenized.txt"
     monkeypatch.setenv("JOB_TEST_TOKENIZED", str(tokenized))
 

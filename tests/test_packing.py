@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from job import config, model
+from job import model
 from job.speed.attention import sequence_bounds
 from job.speed.kernels import install_lora_kernel
 from job.speed.levers import VARLEN
 from job.speed.packing import install_packing_guard
+from tests.modeltools import lora, nonzero_b
 
 TOL = 1e-4  # float32 on CPU; a leak moves the logits by whole units (the tiny model's output layer is scaled up)
 LEAK = 1.0
@@ -28,11 +29,6 @@ def tolerance(lm) -> float:
     repacked = any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
                    for m in lm.modules())
     return TOL_BF16_KERNEL if repacked else TOL
-
-
-@pytest.fixture(scope="module")
-def settings(tiny_model):
-    return config.load({"lora_dropout": 0.0}, environ={})
 
 
 @pytest.fixture(scope="module")
@@ -53,38 +49,36 @@ def alone(lm, samples) -> torch.Tensor:
         return torch.cat([lm(input_ids=s[None], use_cache=False).logits for s in samples], dim=1)
 
 
-def load(settings, tiny_model, attn="sdpa", guard=True, adapter=True):
-    base = model.load_model(settings, str(tiny_model), attn_implementation=attn)
+def load(s, tiny_model, attn="sdpa", guard=True, adapter=True):
+    base = model.load_model(s, str(tiny_model), attn_implementation=attn)
     if guard:
         install_packing_guard(base)
-    if not adapter:
-        return base
-    from peft import get_peft_model
-
-    torch.manual_seed(0)
-    lm = get_peft_model(base, model.lora_config(settings, base))
-    with torch.no_grad():  # a non-zero adapter, so its path is part of what is compared
-        for name, param in lm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return lm
+    return nonzero_b(lora(s, base)) if adapter else base  # a non-zero adapter: its path is part of what is compared
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_trainer_path_keeps_samples_apart(settings, tiny_model, tiny_tokenizer, samples, tmp_path, mode):
-    """SFTTrainer's own compute_loss on a batch from its padding-free collator, in train and in eval mode."""
+def padding_free_trainer(trainer_class, s, base, samples, tokenizer, output_dir):
+    """`trainer_class` (TRL's SFTTrainer or the job's JobTrainer) as TRL's padding-free packing sets it up, on the
+    samples as rows."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    base = load(settings, tiny_model, adapter=False)
-    rows = datasets.Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
-                                       "labels": [s.tolist() for s in samples]})
-    args = SFTConfig(output_dir=str(tmp_path), packing=True, padding_free=True, max_length=64, use_cpu=True,
+    rows = datasets.Dataset.from_dict({"input_ids": [sample.tolist() for sample in samples],
+                                       "labels": [sample.tolist() for sample in samples]})
+    args = SFTConfig(output_dir=str(output_dir), packing=True, padding_free=True, max_length=64, use_cpu=True,
                      bf16=False, report_to="none", per_device_train_batch_size=1, dataset_num_proc=None,
                      activation_checkpointing=False)
     torch.manual_seed(0)
-    trainer = SFTTrainer(model=base, args=args, train_dataset=rows, processing_class=tiny_tokenizer,
-                         peft_config=model.lora_config(settings, base))
+    return trainer_class(model=base, args=args, train_dataset=rows, processing_class=tokenizer,
+                         peft_config=model.lora_config(s, base))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_trainer_path_keeps_samples_apart(quiet, tiny_model, tiny_tokenizer, samples, tmp_path, mode):
+    """SFTTrainer's own compute_loss on a batch from its padding-free collator, in train and in eval mode."""
+    from trl import SFTTrainer
+
+    base = load(quiet, tiny_model, adapter=False)
+    trainer = padding_free_trainer(SFTTrainer, quiet, base, samples, tiny_tokenizer, tmp_path)
     batch = trainer.data_collator([{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(len(s) for s in samples))
     getattr(trainer.model, mode)()
@@ -96,23 +90,14 @@ def test_trainer_path_keeps_samples_apart(settings, tiny_model, tiny_tokenizer, 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("attn", ["sdpa", VARLEN])
-def test_the_job_trainers_loss_is_each_sample_alone(settings, tiny_model, tiny_tokenizer, samples, tmp_path, mode,
+def test_the_job_trainers_loss_is_each_sample_alone(quiet, tiny_model, tiny_tokenizer, samples, tmp_path, mode,
                                                       attn):
     """The job's own loss (JobTrainer.compute_loss, TRL's fused head, the guard passing NO_MASK under varlen
     so that transformers builds no mask) on a padding-free batch: the loss of the samples scored one by one."""
-    import datasets
-    from trl import SFTConfig
-
     from job.trainer import JobTrainer
 
-    base = load(settings, tiny_model, attn=attn, adapter=False)
-    rows = datasets.Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
-                                       "labels": [s.tolist() for s in samples]})
-    args = SFTConfig(output_dir=str(tmp_path), packing=True, padding_free=True, max_length=64, use_cpu=True,
-                     bf16=False, report_to="none", per_device_train_batch_size=1, dataset_num_proc=None,
-                     activation_checkpointing=False)
-    trainer = JobTrainer(model=base, args=args, train_dataset=rows, processing_class=tiny_tokenizer,
-                         peft_config=model.lora_config(settings, base))
+    base = load(quiet, tiny_model, attn=attn, adapter=False)
+    trainer = padding_free_trainer(JobTrainer, quiet, base, samples, tiny_tokenizer, tmp_path)
     batch = trainer.data_collator([{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples])
     getattr(trainer.model, mode)()
     with torch.no_grad():
@@ -126,8 +111,8 @@ def test_the_job_trainers_loss_is_each_sample_alone(settings, tiny_model, tiny_t
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
-def test_a_mask_of_ones_does_not_join_samples(settings, tiny_model, samples, mode, attn):
-    lm = load(settings, tiny_model, attn=attn)
+def test_a_mask_of_ones_does_not_join_samples(quiet, tiny_model, samples, mode, attn):
+    lm = load(quiet, tiny_model, attn=attn)
     getattr(lm, mode)()
     ids, positions = packed(samples)
     with torch.no_grad():
@@ -136,8 +121,8 @@ def test_a_mask_of_ones_does_not_join_samples(settings, tiny_model, samples, mod
 
 
 @pytest.mark.parametrize("attn", ["sdpa", VARLEN])
-def test_use_cache_in_eval_mode_does_not_join_samples(settings, tiny_model, samples, attn):
-    lm = load(settings, tiny_model, attn=attn)
+def test_use_cache_in_eval_mode_does_not_join_samples(quiet, tiny_model, samples, attn):
+    lm = load(quiet, tiny_model, attn=attn)
     lm.eval()  # the config's use_cache=True applies: transformers would build a cache and skip the sample mask
     ids, positions = packed(samples)
     with torch.no_grad():
@@ -149,9 +134,9 @@ def test_use_cache_in_eval_mode_does_not_join_samples(settings, tiny_model, samp
     assert (with_mask - expected).abs().max() < tolerance(lm)
 
 
-def test_padding_inside_a_packed_row(settings, tiny_model, samples):
+def test_padding_inside_a_packed_row(quiet, tiny_model, samples):
     """Right padding after packed samples (a mask with zeros): each sample still sees only itself."""
-    lm = load(settings, tiny_model)
+    lm = load(quiet, tiny_model)
     lm.eval()
     ids, positions = packed(samples)
     pad = 4
@@ -163,8 +148,8 @@ def test_padding_inside_a_packed_row(settings, tiny_model, samples):
     assert (logits - alone(lm, samples)).abs().max() < tolerance(lm)
 
 
-def test_the_fused_lora_layer_keeps_samples_apart(settings, tiny_model, samples):
-    lm = load(settings, tiny_model)
+def test_the_fused_lora_layer_keeps_samples_apart(quiet, tiny_model, samples):
+    lm = load(quiet, tiny_model)
     assert install_lora_kernel(lm) > 0
     lm.train()
     ids, positions = packed(samples)
@@ -173,9 +158,9 @@ def test_the_fused_lora_layer_keeps_samples_apart(settings, tiny_model, samples)
     assert (logits - alone(lm, samples)).abs().max() < TOL
 
 
-def test_without_the_guard_samples_leak(settings, tiny_model, samples):
+def test_without_the_guard_samples_leak(quiet, tiny_model, samples):
     """The negative control: stock transformers with a mask of ones lets the later samples see the earlier."""
-    lm = load(settings, tiny_model, guard=False)
+    lm = load(quiet, tiny_model, guard=False)
     lm.eval()
     ids, positions = packed(samples)
     with torch.no_grad():

@@ -8,6 +8,7 @@ tiny model. No timing here: speed is measured by `job bench` on a GPU (docs/perf
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -31,25 +32,11 @@ from job.speed.kernels import (
 from job.speed.levers import VARLEN
 from job.speed.memory import estimate_gib, pinned_layer_bytes, usable_gib
 from job.speed.offload import LayerOffload, Offloader
+from tests import jobtools
+from tests.modeltools import LLAMA_8B, LLAMA_8B_MODEL, adapted, h100, lora
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8)
 GPU_CAPS = {"varlen": True, "flex": True, "flash_attn": False, "liger": True, "triton": True}
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    from transformers import LlamaConfig
-
-    return speed.Shape.of(LlamaConfig(**LLAMA3_8B))
-
-
-def h100(budget: float) -> speed.Device:
-    return speed.Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 79.2, budget, budget < 79, 989.0)
-
-
-def settings(**flags) -> config.Settings:
-    return config.load({"base_model": "/models/llama-3-8b", **flags}, environ={})
+settings = functools.partial(jobtools.settings, base_model=LLAMA_8B_MODEL)
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +47,15 @@ def liger_everywhere(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- choices
 
-def test_cpu_gets_the_plain_path(llama3):
-    levers = speed.choose(settings(), llama3, speed.Device("cpu", "cpu"), {"varlen": False, "flex": True})
+def test_the_shape_of_a_llama_3_8b_config():
+    from transformers import LlamaConfig
+
+    assert speed.Shape.of(LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)) == LLAMA_8B
+
+
+def test_cpu_gets_the_plain_path():
+    levers = speed.choose(settings(), LLAMA_8B, speed.Device("cpu", "cpu"), {"varlen": False, "flex": True})
     assert levers.attn_implementation == "sdpa"
     assert not levers.liger and not levers.lora_kernel and not levers.dequant_cache and not levers.nf4_kernel
     assert levers.checkpointing == "none" and levers.dataloader_workers == 0
@@ -78,8 +72,8 @@ def test_the_tiny_default_job_on_this_machine_is_cpu_friendly(tiny_model):
     assert set(levers.summary()["why"]) >= {"attn_implementation", "liger", "lora_kernel", "checkpointing"}
 
 
-def test_a_whole_h100_trains_without_recomputation(llama3):
-    levers = speed.choose(settings(), llama3, h100(79.0), GPU_CAPS)
+def test_a_whole_h100_trains_without_recomputation():
+    levers = speed.choose(settings(), LLAMA_8B, h100(79.0), GPU_CAPS)
     assert levers.attn_implementation == VARLEN
     assert levers.liger and levers.lora_kernel and levers.dropout_in_kernel and levers.nf4_kernel
     assert levers.checkpointing == "none" and levers.micro_batch_size == 4
@@ -87,14 +81,14 @@ def test_a_whole_h100_trains_without_recomputation(llama3):
     assert levers.dequant_cache  # 13 GiB of 16-bit weights fit beside the activations: no dequantizing per pass
     assert levers.estimated_peak_gib <= usable_gib(79.0)
     # on a 48 GiB card the same plan fits only without the copy; memory for activations comes first
-    smaller = speed.choose(settings(), llama3, h100(48.0), GPU_CAPS)
+    smaller = speed.choose(settings(), LLAMA_8B, h100(48.0), GPU_CAPS)
     assert smaller.checkpointing == "none" and not smaller.dequant_cache
     assert "would not fit" in smaller.reasons["dequant_cache"]
 
 
 @pytest.mark.parametrize("cap", [24.0, 16.0, 8.0])
-def test_every_cap_gets_a_plan_that_fits(llama3, cap):
-    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+def test_every_cap_gets_a_plan_that_fits(cap):
+    levers = speed.choose(settings(), LLAMA_8B, h100(cap), GPU_CAPS)
     assert levers.estimated_peak_gib <= usable_gib(cap)
     assert not levers.dequant_cache  # layers are recomputed: activations get the memory
     assert levers.micro_batch_size * levers.grad_accum == 4  # the optimizer step stays the configured one
@@ -102,29 +96,29 @@ def test_every_cap_gets_a_plan_that_fits(llama3, cap):
 
 
 @pytest.mark.parametrize("cap, recomputed, offloaded", [(24.0, 14, 8), (16.0, 24, 4)])
-def test_capped_plans_offload_layers_instead_of_recomputing_them(llama3, cap, recomputed, offloaded):
+def test_capped_plans_offload_layers_instead_of_recomputing_them(cap, recomputed, offloaded):
     """Under a cap the first layers' activations go to CPU memory instead of being recomputed: no more of them
     than the kept layers (their memory holds the copies in flight) nor than a quarter of all layers (PCIe time)."""
-    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+    levers = speed.choose(settings(), LLAMA_8B, h100(cap), GPU_CAPS)
     assert (levers.checkpointing, levers.checkpoint_layers, levers.offloaded_layers) == ("partial", recomputed,
                                                                                          offloaded)
     kept = 32 - recomputed - offloaded
     assert offloaded <= kept and levers.estimated_peak_gib <= usable_gib(cap)
     assert "pinned CPU memory" in levers.reasons["offloaded_layers"]
-    never = speed.choose(settings(offload_layers=0), llama3, h100(cap), GPU_CAPS)
+    never = speed.choose(settings(offload_layers=0), LLAMA_8B, h100(cap), GPU_CAPS)
     assert (never.checkpoint_layers, never.offloaded_layers) == (recomputed + offloaded, 0)
     assert "OFFLOAD_LAYERS=0" in never.reasons["offloaded_layers"]
-    every = speed.choose(settings(offload_layers=32), llama3, h100(cap), GPU_CAPS)  # at most those recomputed
+    every = speed.choose(settings(offload_layers=32), LLAMA_8B, h100(cap), GPU_CAPS)  # at most those recomputed
     assert (every.checkpointing, every.offloaded_layers) == ("none", recomputed + offloaded)
 
 
-def test_offloaded_layers_fit_half_the_cpu_memory_left(llama3):
+def test_offloaded_layers_fit_half_the_cpu_memory_left():
     """Each offloaded layer pins ~1.5 GiB of CPU memory (Llama-3-8B, 8192 tokens): a pod with 10 GiB to spare gets
     3 at 24 GiB instead of 8, and one with 1 GiB none; the layers not offloaded are recomputed."""
-    per_layer = pinned_layer_bytes(llama3, 8192) / 2**30
+    per_layer = pinned_layer_bytes(LLAMA_8B, 8192) / 2**30
     assert 1.3 < per_layer < 1.7
     for host, offloaded in ((10.0, int(5.0 // per_layer)), (1.0, 0)):
-        levers = speed.choose(settings(), llama3, dataclasses.replace(h100(24.0), host_gib=host), GPU_CAPS)
+        levers = speed.choose(settings(), LLAMA_8B, dataclasses.replace(h100(24.0), host_gib=host), GPU_CAPS)
         assert (levers.offloaded_layers, levers.checkpoint_layers) == (offloaded, 22 - offloaded)
     assert "is 0" in levers.reasons["offloaded_layers"]
 
@@ -146,42 +140,42 @@ def test_the_cpu_memory_left_is_the_containers(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("cap", [79.0, 12.0, 8.0])
-def test_layers_are_offloaded_only_beside_kept_ones(llama3, cap):
+def test_layers_are_offloaded_only_beside_kept_ones(cap):
     """Nothing recomputed (the whole card), or nothing kept (every layer recomputed): no layer offload."""
-    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+    levers = speed.choose(settings(), LLAMA_8B, h100(cap), GPU_CAPS)
     assert levers.offloaded_layers == 0 and levers.checkpointing in ("none", "full", "offload")
 
 
 @pytest.mark.parametrize("cap, head", [(7.0, False), (5.0, True)])
-def test_tight_caps_move_the_embeddings_to_cpu_memory(llama3, cap, head):
+def test_tight_caps_move_the_embeddings_to_cpu_memory(cap, head):
     """At 7 GiB the input table (1 GiB, a row gather a micro-step) moves so that a plan fits and the output layer
     stays (streaming it costs 2 GiB of PCIe a micro-step); at 5 GiB (the floor) nothing fits without both."""
-    levers = speed.choose(settings(), llama3, h100(cap), GPU_CAPS)
+    levers = speed.choose(settings(), LLAMA_8B, h100(cap), GPU_CAPS)
     assert levers.offload_embeddings and levers.offload_head == head
     assert levers.checkpointing in ("offload", "full", "partial")
     assert levers.estimated_peak_gib <= usable_gib(cap) and "memory" not in levers.reasons
 
 
-def test_8_gib_splits_the_step_and_keeps_both_tables_on_the_gpu(llama3):
+def test_8_gib_splits_the_step_and_keeps_both_tables_on_the_gpu():
     """Two micro-batches of 2 rows, every layer's checkpoint in CPU memory, both tables on the GPU: 10,253 and
     10,002-10,488 tokens/s against 9,588 and 9,614 for 4 rows at once with the input table in CPU memory (runs 26 and
     28, two H100 hosts); under 16 and 24 GiB one micro-batch of 4 stays faster (run 27)."""
-    levers = speed.choose(settings(), llama3, h100(8.0), GPU_CAPS)
+    levers = speed.choose(settings(), LLAMA_8B, h100(8.0), GPU_CAPS)
     assert (levers.micro_batch_size, levers.grad_accum, levers.checkpointing) == (2, 2, "offload")
     assert not levers.offload_embeddings and levers.estimated_peak_gib <= usable_gib(8.0)
     for cap in (24.0, 16.0):
-        assert speed.choose(settings(), llama3, h100(cap), GPU_CAPS).micro_batch_size == 4
+        assert speed.choose(settings(), LLAMA_8B, h100(cap), GPU_CAPS).micro_batch_size == 4
 
 
-def test_smaller_budgets_never_plan_more_memory(llama3):
-    peaks = [speed.choose(settings(), llama3, h100(cap), GPU_CAPS).estimated_peak_gib for cap in (79, 40, 24, 16, 8)]
+def test_smaller_budgets_never_plan_more_memory():
+    peaks = [speed.choose(settings(), LLAMA_8B, h100(cap), GPU_CAPS).estimated_peak_gib for cap in (79, 40, 24, 16, 8)]
     assert peaks == sorted(peaks, reverse=True)
 
 
-def test_forced_levers_win(llama3):
+def test_forced_levers_win():
     s = settings(attn_implementation="flex_attention", liger="false", lora_kernel="false",
                  gradient_checkpointing="true", dataloader_workers=0)
-    levers = speed.choose(s, llama3, h100(79.0), GPU_CAPS)
+    levers = speed.choose(s, LLAMA_8B, h100(79.0), GPU_CAPS)
     assert levers.attn_implementation == "flex_attention" and not levers.liger and not levers.lora_kernel
     assert levers.checkpointing == "full" and levers.checkpoint_layers == 32 and levers.dataloader_workers == 0
     assert all(levers.reasons[k].startswith("forced") for k in ("attn_implementation", "liger", "lora_kernel"))
@@ -193,13 +187,13 @@ def test_forced_levers_win(llama3):
     ({"lora_kernel": "true", "quantization": "int8"}, "LORA_KERNEL=true"),
     ({"nf4_kernel": "true"}, "NF4_KERNEL=true"),
 ])
-def test_forcing_what_cannot_run_names_the_setting(llama3, flags, message):
+def test_forcing_what_cannot_run_names_the_setting(flags, message):
     with pytest.raises(ConfigError, match=message):
-        speed.choose(settings(**flags), llama3, speed.Device("cpu", "cpu"), {"varlen": False, "liger": False})
+        speed.choose(settings(**flags), LLAMA_8B, speed.Device("cpu", "cpu"), {"varlen": False, "liger": False})
 
 
-def test_unpacked_batches_use_sdpa(llama3):
-    levers = speed.choose(settings(packing=False), llama3, h100(79.0), GPU_CAPS)
+def test_unpacked_batches_use_sdpa():
+    levers = speed.choose(settings(packing=False), LLAMA_8B, h100(79.0), GPU_CAPS)
     assert levers.attn_implementation == "sdpa"
 
 
@@ -233,7 +227,7 @@ def test_lever_settings_do_not_change_the_run_identity():
     assert fast.identity() == plain.identity()
 
 
-def test_memory_estimates_match_the_h100_measurements(llama3):
+def test_memory_estimates_match_the_h100_measurements():
     """Anchors from the H100 runs in docs/performance.md: peak reserved memory of the job's own path."""
     s = settings()
     fused = speed.Levers(attn_implementation=VARLEN, liger=True, lora_kernel=True, dropout_in_kernel=True)
@@ -253,7 +247,7 @@ def test_memory_estimates_match_the_h100_measurements(llama3):
         (fused, s, 4090, 25.2),
     ]
     for levers, s_, tokens, peak in measured:
-        estimate = estimate_gib(llama3, s_, levers, tokens)
+        estimate = estimate_gib(LLAMA_8B, s_, levers, tokens)
         assert peak * 0.9 <= estimate <= peak * 1.3, (levers, tokens, estimate, peak)
 
 
@@ -264,24 +258,6 @@ def test_peak_tflops_by_name():
 
 
 # ------------------------------------------------------------------------------------- the kernels, on CPU
-
-@pytest.fixture(scope="module")
-def quiet(tiny_model):
-    return config.load({"lora_dropout": 0.0}, environ={})
-
-
-def adapted(s, tiny_model, seed=0):
-    from peft import get_peft_model
-
-    base = model.load_model(s, str(tiny_model))
-    torch.manual_seed(seed)
-    lm = get_peft_model(base, model.lora_config(s, base))
-    with torch.no_grad():
-        for name, param in lm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return lm
-
 
 def grads(lm) -> dict:
     return {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
@@ -308,12 +284,12 @@ def test_the_fused_lora_layer_equals_peft(tiny_model, dropout):
         assert (grad - fused_grads[name]).norm() <= 1e-4 * grad.norm() + 1e-8, name
 
 
-def test_the_nf4_kernel_is_for_4bit_weights_under_the_fused_layer(llama3):
+def test_the_nf4_kernel_is_for_4bit_weights_under_the_fused_layer():
     gpu = h100(79.0)
-    assert not speed.choose(settings(quantization="none"), llama3, gpu, GPU_CAPS).nf4_kernel
-    assert not speed.choose(settings(lora_kernel="false"), llama3, gpu, GPU_CAPS).nf4_kernel
-    assert not speed.choose(settings(), llama3, gpu, {**GPU_CAPS, "triton": False}).nf4_kernel
-    off = speed.choose(settings(nf4_kernel="false"), llama3, gpu, GPU_CAPS)
+    assert not speed.choose(settings(quantization="none"), LLAMA_8B, gpu, GPU_CAPS).nf4_kernel
+    assert not speed.choose(settings(lora_kernel="false"), LLAMA_8B, gpu, GPU_CAPS).nf4_kernel
+    assert not speed.choose(settings(), LLAMA_8B, gpu, {**GPU_CAPS, "triton": False}).nf4_kernel
+    off = speed.choose(settings(nf4_kernel="false"), LLAMA_8B, gpu, GPU_CAPS)
     assert not off.nf4_kernel and off.reasons["nf4_kernel"] == "forced by NF4_KERNEL"
 
 
@@ -367,10 +343,7 @@ def test_offloaded_embeddings_give_the_same_loss_and_gradients(quiet, tiny_model
         base = model.load_model(quiet, str(tiny_model))
         levers = speed.Levers(offload_embeddings=offload, offload_head=head)
         speed.prepare_base(base, levers)
-        from peft import get_peft_model
-
-        torch.manual_seed(3)
-        lm = get_peft_model(base, model.lora_config(quiet, base))
+        lm = lora(quiet, base, seed=3)
         add_fused_lm_head(lm.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
         speed.prepare_adapted(lm, levers)
         assert isinstance(lm.get_base_model().get_input_embeddings(), CpuEmbedding) == offload
@@ -430,8 +403,6 @@ def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, m
     its 4-bit weight is dequantized twice a step (forward, backward), not three times, in every layer, with the
     same loss and gradients as no recomputation; `offload` also sends the checkpoints to (here simulated) host
     memory through job.speed.offload's offloader."""
-    from peft import get_peft_model
-
     ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
     dequantized: dict[int, int] = {}
     original = frozen_weight
@@ -446,8 +417,7 @@ def test_a_recompute_does_not_run_the_down_projection_again(quiet, tiny_model, m
                    speed.Levers(lora_kernel=True, checkpointing=checkpointing, checkpoint_layers=count, tokens=40)):
         base = model.load_model(quiet, str(tiny_model))
         speed.prepare_base(base, levers)
-        torch.manual_seed(3)
-        lm = get_peft_model(base, model.lora_config(quiet, base))
+        lm = lora(quiet, base, seed=3)
         installed = speed.prepare_adapted(lm, levers)
         assert ("checkpoints_offloaded" in installed) == (levers.checkpointing == "offload")
         if levers.checkpointing != "none":
@@ -473,8 +443,6 @@ def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model, checkpointing,
     """OFFLOAD_LAYERS: the first layers' saved tensors go to (here simulated) CPU memory and come back for the
     backward; the layout is offloaded, recomputed, kept; loss and gradients are those of keeping everything, over
     two micro-steps, and nothing of a micro-step is held after its backward; an eval forward offloads nothing."""
-    from peft import get_peft_model
-
     ids = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(2))
     results = []
     for levers in (speed.Levers(lora_kernel=True),
@@ -482,8 +450,7 @@ def test_offloaded_layers_train_like_kept_ones(quiet, tiny_model, checkpointing,
                                 offloaded_layers=offloaded, tokens=40)):
         base = model.load_model(quiet, str(tiny_model))
         speed.prepare_base(base, levers)
-        torch.manual_seed(3)
-        lm = get_peft_model(base, model.lora_config(quiet, base))
+        lm = lora(quiet, base, seed=3)
         installed = speed.prepare_adapted(lm, levers)
         offload = getattr(base, "_layer_offload", None)
         assert (offload is not None) == bool(levers.offloaded_layers) == ("offloaded_layers" in installed)
@@ -553,10 +520,7 @@ def curve(s, tiny_model, tokenizer, fast: bool, steps: int) -> list[float]:
     levers = speed.Levers(attn_implementation=attn, lora_kernel=fast,
                           checkpointing="partial" if fast else "none", checkpoint_layers=2 if fast else 0)
     speed.prepare_base(base, levers)
-    from peft import get_peft_model
-
-    torch.manual_seed(0)
-    lm = get_peft_model(base, model.lora_config(s, base))
+    lm = lora(s, base)
     speed.prepare_adapted(lm, levers)
     if fast:
         lm.activation_checkpointing_enable()
@@ -603,12 +567,12 @@ def test_the_fast_path_trains_like_the_plain_path(tiny_model, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_sharded_strategies_keep_the_levers_that_do_not_touch_the_weights(llama3, strategy):
-    levers = speed.choose(settings(strategy=strategy), llama3, h100(8.0), GPU_CAPS)
+def test_sharded_strategies_keep_the_levers_that_do_not_touch_the_weights(strategy):
+    levers = speed.choose(settings(strategy=strategy), LLAMA_8B, h100(8.0), GPU_CAPS)
     assert levers.attn_implementation == VARLEN and levers.liger  # activations only: kept
     assert not levers.lora_kernel and not levers.offload_embeddings and not levers.dequant_cache
     assert f"STRATEGY={strategy}" in levers.reasons["lora_kernel"]
-    assert speed.choose(settings(strategy="ddp"), llama3, h100(8.0), GPU_CAPS).lora_kernel
-    sharded = speed.choose(settings(strategy=strategy), llama3, h100(24.0), GPU_CAPS)
+    assert speed.choose(settings(strategy="ddp"), LLAMA_8B, h100(8.0), GPU_CAPS).lora_kernel
+    sharded = speed.choose(settings(strategy=strategy), LLAMA_8B, h100(24.0), GPU_CAPS)
     assert sharded.checkpointing == "partial" and sharded.offloaded_layers == 0  # gathered shards stay on the GPU
     assert f"STRATEGY={strategy}" in sharded.reasons["offloaded_layers"]

@@ -7,6 +7,7 @@ import pytest
 from job import checkpoint
 from job.checkpoint import Layout
 from tests.jobtools import read_summary, run_job
+from tests.modeltools import tiny_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -83,24 +84,14 @@ def test_an_adapter_saved_without_its_weights_fails_the_run(trained_output, tmp_
 
 
 
-def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, overrides=(), callbacks=(), trainer_class=None, **arguments):
+def _tiny_trainer(tiny_model, tiny_tokenizer, tmp_path, overrides=(), **arguments):
     """The job's trainer on the tiny model and bench-style rows, nothing saved."""
     from transformers import AutoConfig
 
-    from job import config as job_config
-    from job import speed
     from job.bench import workload
-    from job.trainer import build_trainer
 
-    s = job_config.load({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_length": 256,
-                         **dict(overrides)}, environ={})
-    cfg = AutoConfig.from_pretrained(tiny_model)
-    rows = workload.make_rows(64, cfg.vocab_size, 256, seed=0, median=60)
-    trainer, _ = build_trainer(s, str(tiny_model), cfg, speed.plan(s, cfg), tiny_tokenizer, workload.dataset(rows),
-                               device_map=None, callbacks=list(callbacks), trainer_class=trainer_class,
-                               output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
-                               seed=0, **arguments)
-    return trainer
+    rows = workload.make_rows(64, AutoConfig.from_pretrained(tiny_model).vocab_size, 256, seed=0, median=60)
+    return tiny_trainer(tiny_model, tiny_tokenizer, workload.dataset(rows), tmp_path, overrides, seed=0, **arguments)
 
 
 def test_the_job_trainer_logs_what_trl_logs(tiny_model, tiny_tokenizer, tmp_path):

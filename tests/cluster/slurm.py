@@ -9,8 +9,8 @@ Layout (see /work/shared/CLUSTER.md for what was tried first):
 * a private ``munged`` (own key, own socket under ``/run/slurm-harness/<rid>``);
 * ``slurmctld`` in the root namespace (``SlurmctldHost=<hostname>(10.77.X.1)``);
 * one ``slurmd -D -N <node>`` per node, started as
-  ``nsenter --net=/var/run/netns/<ns> unshare --mount --uts -- python node_init.py ...``
-  (node_init.py: a child subreaper that reaps the daemonized slurmstepds) so that it
+  ``nsenter --net=/var/run/netns/<ns> unshare --mount --uts -- python tests/node_init.py ...``
+  (tests/netns.py's node_argv; node_init.py: a child subreaper that reaps the daemonized slurmstepds) so that it
   (and every job step it starts) sees
 
   - the node's network namespace (its own address, reaches the others over the bridge),
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import os
 import pathlib
@@ -46,13 +45,27 @@ import signal as _signal
 import socket
 import string
 import subprocess
-import sys
 import threading
 import time
 from typing import Iterator
 
+from tests.netns import (
+    HarnessError,
+    add_netns,
+    add_veth,
+    del_netns,
+    kill_netns_processes,
+    node_argv,
+    pick_subnet,
+    set_address,
+    write_hosts,
+)
+from tests.netns import alive as _alive
+from tests.netns import reap as _reap
+from tests.netns import run as _run
+from tests.netns import start_time as _proc_start_time
+
 RUNTIME_ROOT = pathlib.Path("/run/slurm-harness")
-NODE_INIT = pathlib.Path(__file__).resolve().with_name("node_init.py")
 HOSTS_MARK = "# slurm-harness"
 
 # Base job states (first word of JobState) after which a job will not run again by itself.
@@ -74,7 +87,7 @@ TERMINAL_STATES = frozenset(
 REQUIRED_BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "munged", "mungekey", "ip", "nsenter", "unshare")
 
 
-class SlurmHarnessError(RuntimeError):
+class SlurmHarnessError(HarnessError):
     pass
 
 
@@ -89,30 +102,6 @@ def missing_requirements() -> str | None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _run(argv: list[str], timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    except subprocess.TimeoutExpired as e:
-        raise SlurmHarnessError(f"timed out after {timeout}s: {' '.join(argv)}") from e
-    if check and p.returncode != 0:
-        raise SlurmHarnessError(f"{' '.join(argv)} -> rc={p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
-    return p
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Kernel start time of a pid (field 22 of /proc/PID/stat); guards against pid reuse."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _alive(pid: int, start_time: int | None) -> bool:
-    st = _proc_start_time(pid)
-    return st is not None and (start_time is None or st == start_time)
 
 
 def _kill_pid(pid: int, start_time: int | None, term_timeout: float = 5.0) -> None:
@@ -134,11 +123,6 @@ def _kill_pid(pid: int, start_time: int | None, term_timeout: float = 5.0) -> No
             time.sleep(0.05)
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
 def _is_zombie(pid: int) -> bool:
     try:
         stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
@@ -151,98 +135,6 @@ def _free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
-
-
-def pick_subnet(second_octet: int = 77) -> ipaddress.IPv4Network:
-    """A random 10.N.X.0/24 that no interface or route on this machine uses."""
-    used = _run(["ip", "-4", "-o", "addr"], timeout=10).stdout + _run(["ip", "-4", "route"], timeout=10).stdout
-    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"(\d+\.\d+\.\d+\.\d+/\d+)", used)]
-    for _ in range(200):
-        net = ipaddress.ip_network(f"10.{second_octet}.{random.randrange(0, 256)}.0/24")
-        if not any(net.overlaps(t) for t in taken):
-            return net
-    raise SlurmHarnessError(f"no free 10.{second_octet}.X.0/24 subnet")
-
-
-# ------------------------------------------------- network namespaces (also the pods of tests/test_k8s.py)
-
-
-def add_netns(ns: str) -> None:
-    """A new network namespace, with its loopback up."""
-    _run(["ip", "netns", "add", ns])
-    _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-
-
-def add_veth(name: str, peer: str, netns: str | None = None, peer_netns: str | None = None) -> None:
-    """A veth pair; each end made in the given network namespace (None: this one)."""
-    _run(["ip", "link", "add", name, *(["netns", netns] if netns else []), "type", "veth",
-          "peer", "name", peer, *(["netns", peer_netns] if peer_netns else [])])
-
-
-def set_address(ns: str, dev: str, address: str) -> None:
-    """Give `dev` in namespace `ns` the address (``A.B.C.D/prefix``) and bring it up."""
-    _run(["ip", "-n", ns, "addr", "add", address, "dev", dev])
-    _run(["ip", "-n", ns, "link", "set", dev, "up"])
-
-
-def _netns_pids(ns: str) -> list[int]:
-    p = _run(["ip", "netns", "pids", ns], check=False, timeout=10)
-    if p.returncode != 0:
-        return []
-    return [int(x) for x in p.stdout.split() if x.isdigit()]
-
-
-def kill_netns_processes(ns: str, spare: frozenset[int] = frozenset(), timeout: float = 10.0) -> None:
-    """SIGKILL every process inside network namespace ns but `spare` (the node's init,
-    which reaps them), until none is left; then wait until they are reaped (bounded)."""
-    deadline = time.monotonic() + timeout
-    killed: dict[int, int | None] = {}
-    while True:
-        pids = [p for p in _netns_pids(ns) if p != os.getpid() and p not in spare]
-        if not pids:
-            break
-        for pid in pids:
-            killed.setdefault(pid, _proc_start_time(pid))
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, _signal.SIGKILL)
-            _reap(pid)
-        if time.monotonic() > deadline:
-            raise SlurmHarnessError(f"processes still alive in netns {ns}: {pids}")
-        time.sleep(0.1)
-    while time.monotonic() < deadline:
-        for pid in killed:
-            _reap(pid)  # our own children (slurmd's nsenter/unshare chain)
-        if not any(_alive(pid, st) for pid, st in killed.items()):
-            return
-        time.sleep(0.1)
-
-
-def del_netns(ns: str) -> None:
-    """Delete a network namespace if it exists (a veth end inside goes with it, and so does its peer)."""
-    if pathlib.Path(f"/var/run/netns/{ns}").exists():
-        _run(["ip", "netns", "del", ns], timeout=15)
-
-
-def write_hosts(path: pathlib.Path, entries) -> pathlib.Path:
-    """A node's /etc/hosts (node_init.py mounts it there): localhost, then one line per (address, names)."""
-    path.write_text("".join(f"{address} {names}\n" for address, names in [("127.0.0.1", "localhost"), *entries]))
-    os.chmod(path, 0o644)
-    return path
-
-
-def node_argv(ns: str, hosts: pathlib.Path, hostname: str, command: list[str]) -> list[str]:
-    """The argv that runs `command` as a machine of its own: in network namespace `ns`, with `hosts` as its
-    /etc/hosts and `hostname` as its host name.
-
-    nsenter (not `ip netns exec`, which remounts /sys and hides the cgroup fs); unshare a mount
-    namespace (private /etc/hosts) and a UTS namespace (its own hostname). --propagation slave:
-    unmounts in the root namespace (e.g. `ip netns del` of other runs' namespaces) still propagate
-    in, mounts made inside do not leak out. node_init.py bind-mounts the hosts file, sets the
-    hostname and runs `command` as a child subreaper (it reaps what daemonizes below it, such as
-    slurmstepd) -- see its docstring.
-    """
-    return ["nsenter", f"--net=/var/run/netns/{ns}", "--", "unshare", "--mount", "--uts", "--propagation", "slave",
-            "--", sys.executable, str(NODE_INIT), str(hosts), hostname, "--", *command]
 
 
 def _parse_kv_line(line: str) -> dict[str, str]:

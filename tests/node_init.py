@@ -1,7 +1,8 @@
-"""Init process of one harness "node" (used by slurm.py; not a test).
+"""Init process of one "machine" in a network namespace (tests/netns.py's node_argv starts it for the Slurm
+harness's nodes, tests/test_k8s.py's pods and tests/test_interfaces.py's machines; not a test).
 
 Runs inside the node's network namespace and its own mount + UTS namespaces:
-    node_init.py HOSTS_FILE NODE_NAME -- slurmd ARGS...
+    node_init.py HOSTS_FILE NODE_NAME -- COMMAND ARGS...   (slurmd, a pod's shell, `job preflight`)
 
 * bind-mounts HOSTS_FILE over /etc/hosts (private to this mount namespace),
 * sets the hostname to NODE_NAME (private UTS namespace),
