@@ -31,7 +31,13 @@ The names below are the ones other modules use, so that `from job import data` i
 from job.data.formats import Chat, detect_format, to_messages
 from job.data.preparation import Prepared, fingerprint, load, prepare
 from job.data.reading import BUNDLED_DATASET, Row, local_files, read_rows, split_of
-from job.data.templates import PROMPT_FORMATS, chat_template_for, end_of_turn_id, render, tokenize
+from job.data.templates import (
+           PROMPT_FORMATS,
+           chat_template_for,
+           end_of_turn_id,
+           render,
+           tokenize,
+)
 
 __all__ = ["BUNDLED_DATASET", "PROMPT_FORMATS", "Chat", "Prepared", "Row", "chat_template_for", "detect_format",
            "end_of_turn_id", "fingerprint", "load", "local_files", "prepare", "read_rows", "render", "split_of",

@@ -43,8 +43,8 @@ def prepare_source(source: Source, s: Settings, tokenizer, template: str, format
         raise DataError(f"{train_rows[0].where}: {error}") from None
 
     work = Work(s, tokenizer, template, format_name, data_format)
-    train_done, train_skipped, eot = render_and_tokenize(work, train_rows)
-    eval_done, eval_skipped, _ = render_and_tokenize(work, eval_rows)
+    train_done, train_skipped, eot = render_and_tokenize(work, train_rows, f"tokenizing {alone.dataset}")
+    eval_done, eval_skipped, _ = render_and_tokenize(work, eval_rows, f"tokenizing {alone.dataset} ({s.eval_split})")
     skipped = train_skipped + eval_skipped
     if not train_done:
         raise DataError(f"every one of the {len(train_rows)} training rows is bad (SKIP_BAD_ROWS=true skipped them "

@@ -150,7 +150,10 @@ def marked_template(template: str, tokenizer) -> str | None:
     """The chat template with its answers marked by {% generation %}: the template itself where it has the markers,
     else the training copy TRL ships of it (of Qwen3's, DeepSeek-R1's, Phi-3's, gpt-oss's and more, known by their
     text), else None. It only locates answers: the template that renders the data and is saved stays the model's."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+    )
 
     if has_generation_markers(template):
         return template

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 
+from job import stage
 from job.config import Settings
 from job.data.formats import to_messages
 from job.data.reading import Row
@@ -31,22 +32,30 @@ PARALLEL_FROM_ROWS = 2048  # below this, starting the workers costs more than it
 _work: Work | None = None  # the forked workers' copy
 
 
-def render_and_tokenize(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | None]:
+def render_and_tokenize(work: Work, rows: list[Row], stage_name: str = "tokenizing"
+                        ) -> tuple[list[tuple], list[str], int | None]:
     """(conversation, input ids, labels) of every good row in order, the bad rows skipped (when SKIP_BAD_ROWS), and
     the end-of-turn token. Runs on every CPU core this process may use, in forked workers: rendering a chat template
     and tokenizing is Python work per row, one core's worth in one process. A bad row stops it naming file:line
-    (the first in file order), as in one process."""
+    (the first in file order), as in one process. Progress goes to job.stage as `stage_name`."""
     global _work
     chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
     workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    results = []
     if len(rows) < PARALLEL_FROM_ROWS or workers < 2:
-        results = [_chunk(work, chunk) for chunk in chunks]
+        chunks_done = (_chunk(work, chunk) for chunk in chunks)
     else:
         _work = work
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                results = list(pool.imap(_chunk_in_worker, chunks))
-        finally:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        chunks_done = pool.imap(_chunk_in_worker, chunks)
+    try:
+        for result in chunks_done:
+            results.append(result)
+            stage.progress(stage_name, min(len(results) * CHUNK_ROWS, len(rows)), len(rows))
+    finally:
+        if _work is not None:
+            pool.terminate()
+            pool.join()
             _work = None
     done = [item for chunk_done, _, _ in results for item in chunk_done]
     skipped = [text for _, chunk_skipped, _ in results for text in chunk_skipped]
