@@ -17,11 +17,12 @@ import signal
 import socket
 import sys
 import time
+from typing import NoReturn
 
 import click
 
 import job
-from job import checkpoint, config, errors, launch
+from job import checkpoint, config, errors, launch, names, stopping
 from job.checkpoint import Layout
 
 log = logging.getLogger("job")
@@ -45,11 +46,9 @@ def with_settings(command):
     @functools.wraps(command)
     def wrapper(config_file, **flags):
         s = config.load(flags, config_file=config_file)
-        if not s.output_dir.strip():  # Path("") is the current directory
-            raise errors.ConfigError("OUTPUT_DIR is empty: set it to the directory the job may write into")
         setup_logging(Layout(s.output))
         if launch.EXIT_DIR not in os.environ:  # not again in every training process
-            for name, hint in config.misspelt_variables(os.environ).items():
+            for name, hint in names.misspelt_variables(os.environ, config.known_names()).items():
                 log.warning("%s is not a setting and is ignored: %s", name, hint)
         return command(s)
     return wrapper
@@ -190,35 +189,31 @@ def bench(arch, max_length, steps, warmup, phases, memory_cap, levers, stock_tri
 @with_settings
 def run(s):
     """The whole job: preflight, train, evaluate, merge, push. Rerun it to resume."""
-    layout = Layout(s.output)
     where = launch.resolve(s)
     if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
-        log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
-        with launch.stop_on_signals():
-            raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(layout.adapter) else launch.run_training(s, where))
+        _train_only(s, where)
     # machine 0's lock stands for every machine (they share OUTPUT_DIR); a stop signal while waiting for it exits 75
-    with launch.stop_on_signals() as signals, owner(s) as lock:
-        _run_stages(s, layout, where, lock, signals)
+    with stopping.stop_on_signals() as signals, owner(s) as lock:
+        _run_stages(s, where, lock, signals)
 
 
-def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None, signals: launch.StageSignals) -> None:
+def _train_only(s, where: launch.Topology) -> NoReturn:
+    """Another machine than the first: its share of training, then its exit code."""
+    log.info("machine %d of %d: training only", where.machine_rank, where.num_machines)
+    with stopping.stop_on_signals():
+        raise SystemExit(errors.EXIT_OK if checkpoint.is_complete(Layout(s.output).adapter)
+                         else launch.run_training(s, where))
+
+
+def _run_stages(s, where: launch.Topology, lock: int | None, signals: stopping.StageSignals) -> None:
+    """Machine 0's stages in order, each recorded in summary.json; a stop signal that came during one (and that a
+    library may have swallowed) ends the run with exit 75 before the next."""
     from job.evaluate import evaluate as evaluate_stage
-    from job.preflight import preflight as check
 
-    summary = Summary(layout, s)
-    try:
-        plan = check(s, world_size=where.world_size)
-        plan["launch"] = where.describe()
-        log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
-        summary.update(status="training", plan=plan)
-        if not checkpoint.intact(layout.adapter):  # a damaged one is moved aside and rebuilt
-            code = launch.run_training(s, where, lock)  # returns once every rank has finished
-            if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
-                raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
-            if code != errors.EXIT_OK:
-                summary.stopped(code, f"training ended with exit code {code}: {errors.EXIT_CODES.get(code, '')} "
-                                      f"(the message is in {layout.root / 'logs'}/job-rank*.log)")
-                raise SystemExit(code)
+    summary = Summary(Layout(s.output), s)
+    with summary.recording_failures():
+        _check_and_plan(s, where, summary)
+        _train_unless_done(s, where, lock, summary)
         signals.check()
         summary.update(status="evaluating")
         with stage("evaluation", s):
@@ -237,13 +232,31 @@ def _run_stages(s, layout: Layout, where: launch.Topology, lock: int | None, sig
             push_stage(s)
             signals.check()
         summary.update(status="done", exit_code=0)
-    except Exception as error:  # handled or a bug: summary.json never stays "training" or "merging"
-        cause = errors.preempted_cause(error) or error  # a stop signal that a library wrapped is still a stop
-        if not isinstance(cause, errors.Refused):  # a refused run leaves the directory as it found it
-            summary.failed(cause)
-        if cause is error:
-            raise
-        raise cause from error
+
+
+def _check_and_plan(s, where: launch.Topology, summary: Summary) -> None:
+    """Preflight for the whole layout; its plan goes to the log and summary.json."""
+    from job.preflight import preflight as check
+
+    plan = check(s, world_size=where.world_size)
+    plan["launch"] = where.describe()
+    log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
+    summary.update(status="training", plan=plan)
+
+
+def _train_unless_done(s, where: launch.Topology, lock: int | None, summary: Summary) -> None:
+    """Training on every machine, unless the adapter is finished and intact (a damaged one is moved aside and
+    rebuilt). A training process's failure ends the run with its exit code."""
+    layout = Layout(s.output)
+    if checkpoint.intact(layout.adapter):
+        return
+    code = launch.run_training(s, where, lock)  # returns once every rank has finished
+    if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
+        raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")
+    if code != errors.EXIT_OK:
+        summary.stopped(code, f"training ended with exit code {code}: {errors.EXIT_CODES.get(code, '')} "
+                              f"(the message is in {layout.root / 'logs'}/job-rank*.log)")
+        raise SystemExit(code)
 
 
 def check_adapter_intact(s) -> None:
@@ -324,6 +337,21 @@ class Summary:
     def __init__(self, layout: Layout, s):
         self.layout, self.settings = layout, s
         self.extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    @contextlib.contextmanager
+    def recording_failures(self):
+        """Record the error that ends the stages inside (handled or a bug: summary.json never stays "training" or
+        "merging"), but for a refused run, which leaves the directory as it found it. A stop signal that a library
+        wrapped in its own error is raised as the stop it is."""
+        try:
+            yield
+        except Exception as error:
+            cause = errors.preempted_cause(error) or error
+            if not isinstance(cause, errors.Refused):
+                self.failed(cause)
+            if cause is error:
+                raise
+            raise cause from error
 
     def failed(self, error: Exception) -> None:
         self.stopped(getattr(error, "exit_code", errors.EXIT_UNEXPECTED), str(error) or type(error).__name__)

@@ -2,15 +2,15 @@
 
 `Settings` is the single source of truth: the click flags, the environment variables, `--help`,
 the README table and the validation messages are all generated from its fields.
-Resolution order: defaults < YAML file (CONFIG_FILE) < environment < command-line flags.
+Resolution order: defaults < YAML file (CONFIG_FILE) < environment < command-line flags. `validate` checks every
+rule that needs no model and reports all problems at once. Other tools' names for the settings, and what a misspelt
+name was meant to be, are job.names; DATASET's sources (one dataset or a weighted mix) are job.sources.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 import re
 import types
@@ -21,56 +21,15 @@ from pathlib import Path
 import yaml
 
 from job.errors import ConfigError
+from job.names import ALIASES, OWNED_ARGUMENTS, misspelt_variables, suggest
+from job.sources import BUILTIN_DATASET, Source, parse_sources
 
 BUILTIN_MODEL = "builtin:tiny-llama"
-BUILTIN_DATASET = "builtin:tasks"
 PRESETS = Path(__file__).parent / "presets"
 PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.yaml")))
 SHARDED = ("fsdp", "zero3")  # strategies that split each weight across the ranks
 HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # user/name on the Hub
 NAME_PAIRS = re.compile(r"\s*[^=,\s][^=,]*=[^=,]*[^=,\s]\s*(,\s*[^=,\s][^=,]*=[^=,]*[^=,\s]\s*)*")  # a=b, c=d
-
-# What users of TRL (SFTConfig, ModelConfig, `trl sft` flags) and axolotl call the same settings: accepted in the YAML
-# file and the environment alike (lower or upper case), as if the job's own name had been written.
-ALIASES = {
-    "model_name_or_path": "base_model", "dataset_name": "dataset", "dataset_train_split": "dataset_split",
-    "dataset_test_split": "eval_split", "num_train_epochs": "epochs", "num_epochs": "epochs",
-    "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
-    "max_seq_length": "max_length", "sequence_len": "max_length", "lr_scheduler_type": "lr_scheduler",
-    "sample_packing": "packing", "lora_rank": "lora_r", "dataset_config_name": "dataset_config",
-    "datasets": "dataset",  # TRL's and axolotl's list of datasets: each entry a source of the mix (SOURCE_KEYS)
-}
-# Names other tools use for something the job spells differently or does not have: what to write instead.
-FOREIGN = {
-    "batch_size": "MICRO_BATCH_SIZE (rows per device a step) or GLOBAL_BATCH_SIZE (rows per optimizer step)",
-    "model": "BASE_MODEL", "model_name": "BASE_MODEL", "model_id": "BASE_MODEL", "base_model_id": "BASE_MODEL",
-    "lr": "LEARNING_RATE", "epoch": "EPOCHS", "load_in_4bit": "QUANTIZATION=nf4 (the default)",
-    "load_in_8bit": "QUANTIZATION=int8", "adapter": "nothing: LoRA is the job's adapter (USE_DORA=true for DoRA)",
-    "lora_target_linear": "LORA_TARGET_MODULES=all-linear (the default)", "val_set_size": "EVAL_FRACTION",
-    "chat_template": "PROMPT_FORMAT (a named template) or the tokenizer's own",
-}
-# SFTConfig arguments the job sets itself (job.train), refused in TRAINER_ARGS: what sets them instead.
-OWNED_ARGUMENTS = {
-    "output_dir": "OUTPUT_DIR", "learning_rate": "LEARNING_RATE", "lr_scheduler_type": "LR_SCHEDULER",
-    "warmup_steps": "WARMUP_RATIO", "warmup_ratio": "WARMUP_RATIO", "num_train_epochs": "EPOCHS",
-    "max_steps": "MAX_STEPS", "per_device_train_batch_size": "MICRO_BATCH_SIZE",
-    "per_device_eval_batch_size": "MICRO_BATCH_SIZE", "gradient_accumulation_steps": "GRAD_ACCUM or GLOBAL_BATCH_SIZE",
-    "max_length": "MAX_LENGTH", "packing": "PACKING", "padding_free": "PACKING", "seed": "SEED", "data_seed": "SEED",
-    "eval_strategy": "EVAL_STEPS", "eval_steps": "EVAL_STEPS", "save_strategy": "SAVE_STEPS", "save_steps": "SAVE_STEPS",
-    "save_total_limit": "SAVE_TOTAL_LIMIT", "logging_steps": "LOGGING_STEPS", "report_to": "REPORT_TO",
-    "gradient_checkpointing": "GRADIENT_CHECKPOINTING", "activation_checkpointing": "GRADIENT_CHECKPOINTING",
-    "activation_checkpointing_kwargs": "GRADIENT_CHECKPOINTING", "dataloader_num_workers": "DATALOADER_WORKERS",
-    "bf16": "nothing: the compute dtype follows the GPU", "fp16": "nothing: the compute dtype follows the GPU",
-    "use_cpu": "nothing: the device is found", "push_to_hub": "HUB_MODEL_ID (pushed once the merge is verified)",
-    "hub_model_id": "HUB_MODEL_ID", "resume_from_checkpoint": "nothing: a rerun resumes by itself",
-    "deepspeed": "STRATEGY", "fsdp": "STRATEGY", "fsdp_config": "STRATEGY", "ddp_timeout": "nothing (3 hours)",
-    "dataset_num_proc": "nothing (tokenizing is the job's)", "disable_tqdm": "LOGGING_STEPS",
-    "logging_nan_inf_filter": "nothing: the job checks every step for NaN",
-}
-# Variables of other tools that are never a misspelt setting (the did-you-mean check skips them).
-OTHER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "NCCL_", "CUDA_", "HF_", "HUGGINGFACE_", "TORCH", "PYTORCH_", "OMP_",
-                  "KUBERNETES_", "PET_", "WANDB_", "MLFLOW_", "JOB_", "GLOO_", "TRANSFORMERS_", "TOKENIZERS_", "LC_",
-                  "XDG_", "PYTHON", "PIP_", "CONTAINER_", "APPTAINER_", "SINGULARITY_", "ENROOT_", "PYXIS_")
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training",
@@ -260,7 +219,6 @@ class Settings:
     merge_max_shard_size: str = setting("5GB", "Largest safetensors file of the merged model (e.g. 5GB, 500MB).",
                                         group="publish", identity=False)
 
-
     # --- launch: where training runs (docs/launch.md). Unset layout settings are read from Slurm, a Kubernetes
     # Indexed Job or torchrun-style variables (job.launch); `job preflight` prints what it found.
     strategy: str = setting("ddp", "How the ranks share the model: ddp (a copy per GPU), fsdp (FSDP with the 4-bit "
@@ -390,8 +348,9 @@ def _read_yaml(path: Path, source: str) -> dict:
     names = by_name()
     unknown = [str(k) for k in data if str(k) not in names]
     if unknown:
+        known = known_names()
         raise ConfigError(f"{source} {path}: unknown settings:\n  - "
-                          + "\n  - ".join(f"{k}: {suggest(k) or 'not a setting (job --help lists them)'}"
+                          + "\n  - ".join(f"{k}: {suggest(k, known) or 'not a setting (job --help lists them)'}"
                                            for k in unknown))
     values, keys = {}, {}
     for key, raw in data.items():
@@ -413,32 +372,9 @@ def by_name() -> dict[str, dataclasses.Field]:
     return names
 
 
-def suggest(name: str, trainer_arguments: bool = True) -> str | None:
-    """What a name that is not a setting was probably meant to be ("did you mean ..."), or None."""
-    key = name.lower()
-    if key in FOREIGN:
-        return f"use {FOREIGN[key]}"
-    close = closest_setting(name)
-    if close:
-        return f"did you mean {close}?"
-    if trainer_arguments and trainer_argument(key):
-        return "a trainer argument: put it in TRAINER_ARGS"
-    return None
-
-
-def misspelt_variables(environ) -> dict[str, str]:
-    """Environment variables that look like a misspelt or foreign setting name, with the suggestion for each."""
-    names = by_name()
-    candidates = [name for name in environ if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in names
-                  and not name.startswith(OTHER_PREFIXES)]
-    return {name: hint for name in candidates if (hint := suggest(name, trainer_arguments=False))}
-
-
-def closest_setting(name: str) -> str | None:
-    """The setting (its variable) whose name or alias is closest to `name`, if one is close."""
-    names = {key: env_name(f) for key, f in by_name().items() if key.isupper()}
-    close = difflib.get_close_matches(name.upper(), list(names), n=1, cutoff=0.8)
-    return names[close[0]] if close else None
+def known_names() -> dict[str, str]:
+    """Every name a setting goes by (by_name), mapped to the setting's variable: what job.names checks names against."""
+    return {name: env_name(f) for name, f in by_name().items()}
 
 
 def misspelt_base_model(s: Settings, environ) -> list[str]:
@@ -447,99 +383,145 @@ def misspelt_base_model(s: Settings, environ) -> list[str]:
     if s.base_model != BUILTIN_MODEL or s.dataset == BUILTIN_DATASET:
         return []
     return [f"{name}={environ[name]!r} is not a setting ({hint}); BASE_MODEL is unset, so the built-in tiny model "
-            f"would be trained on DATASET={s.dataset!r}" for name, hint in misspelt_variables(environ).items()
-            if "BASE_MODEL" in hint]
-
-
-def trainer_argument(name: str) -> bool:
-    """Whether `name` is an argument of TRL's SFTConfig (transformers' TrainingArguments and TRL's own)."""
-    from trl import SFTConfig
-
-    return name in {f.name for f in dataclasses.fields(SFTConfig)}
+            f"would be trained on DATASET={s.dataset!r}"
+            for name, hint in misspelt_variables(environ, known_names()).items() if "BASE_MODEL" in hint]
 
 
 def validate(s: Settings) -> list[str]:
-    """Every problem with the settings, each naming the variable, the value and what is allowed."""
-    problems = []
-    for f in FIELDS.values():
-        choices, value = f.metadata["choices"], getattr(s, f.name)
-        if choices and value not in choices:
-            problems.append(f"{env_name(f)}={value!r} is not one of: {', '.join(choices)}")
+    """Every problem with the settings, each naming the variable, the value and what is allowed: every group's rules
+    are checked, so one run reports them all."""
+    return [problem for check in (_check_choices, _check_inputs, _check_adapter, _check_optimisation, _check_speed,
+                                  _check_evaluation_and_logs, _check_publishing, _check_launch)
+            for problem in check(s)]
 
-    def need(ok: bool, name: str, rule: str):
-        if not ok:
-            problems.append(f"{env_name(FIELDS[name])}={getattr(s, name)!r}: {rule}")
 
-    need(s.lora_r >= 1, "lora_r", "must be a positive integer (e.g. 16)")
-    need(s.lora_alpha >= 1, "lora_alpha", "must be a positive integer (e.g. 2 x LORA_R)")
-    need(0 <= s.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-    need(bool(re.fullmatch(r"all-linear|[\w.\-]+(,[\w.\-]+)*", s.lora_target_modules)), "lora_target_modules",
-         "must be all-linear or comma-separated module names such as q_proj,v_proj")
-    need(0 < s.learning_rate < 1, "learning_rate", "must be in (0, 1), e.g. 2e-4")
-    need(0 <= s.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-    need(s.epochs > 0, "epochs", "must be positive")
-    need(s.max_steps == -1 or s.max_steps > 0, "max_steps", "must be -1 (use EPOCHS) or a positive integer")
-    need(s.micro_batch_size >= 1, "micro_batch_size", "must be at least 1")
-    need(s.grad_accum >= 1, "grad_accum", "must be at least 1")
-    need(s.global_batch_size is None or s.global_batch_size >= 1, "global_batch_size", "must be at least 1")
-    need(s.max_length >= 16, "max_length", "must be at least 16 tokens")
-    need(s.gpu_memory_gib == 0 or s.gpu_memory_gib >= 1, "gpu_memory_gib", "must be 0 (the whole card) or at least 1")
-    need(s.offload_layers >= -1, "offload_layers", "must be -1 (auto) or 0 or more")
-    need(s.dataloader_workers >= -1, "dataloader_workers", "must be -1 (auto) or 0 or more")
-    need(0 <= s.eval_fraction < 0.5, "eval_fraction", "must be in [0, 0.5)")
-    need(s.max_eval_samples >= 1, "max_eval_samples", "must be at least 1")
-    for name in ("eval_steps", "save_steps", "logging_steps", "save_total_limit"):
-        need(getattr(s, name) >= 1, name, "must be at least 1")
-    need(s.sample_prompts >= 0, "sample_prompts", "must be 0 or more")
-    need(s.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+def _broken(s: Settings, rules) -> list[str]:
+    """For each rule (holds, setting, what is allowed) that does not hold: the setting's variable, value and rule."""
+    return [f"{env_name(FIELDS[name])}={getattr(s, name)!r}: {rule}" for holds, name, rule in rules if not holds]
+
+
+def _check_choices(s: Settings) -> list[str]:
+    """Settings whose values are a fixed set."""
+    return [f"{env_name(f)}={getattr(s, f.name)!r} is not one of: {', '.join(f.metadata['choices'])}"
+            for f in FIELDS.values() if f.metadata["choices"] and getattr(s, f.name) not in f.metadata["choices"]]
+
+
+def _check_inputs(s: Settings) -> list[str]:
+    """What is trained on and how it is read: DATASET's sources, the data format, the column and role maps, the chat
+    template; and OUTPUT_DIR."""
+    # Path("") is the current directory
+    found = [] if s.output_dir.strip() else ["OUTPUT_DIR is empty: set it to the directory the job may write into"]
     if s.data_format == "template":
-        need(bool(s.prompt_template and re.search(r"\{\w+\}", s.prompt_template)), "prompt_template",
-             "DATA_FORMAT=template needs PROMPT_TEMPLATE naming at least one {column}")
-        need(bool(s.response_column), "response_column", "DATA_FORMAT=template needs RESPONSE_COLUMN")
+        found += _broken(s, [
+            (bool(s.prompt_template and re.search(r"\{\w+\}", s.prompt_template)), "prompt_template",
+             "DATA_FORMAT=template needs PROMPT_TEMPLATE naming at least one {column}"),
+            (bool(s.response_column), "response_column", "DATA_FORMAT=template needs RESPONSE_COLUMN"),
+        ])
     elif s.prompt_template or s.response_column:
-        problems.append("PROMPT_TEMPLATE and RESPONSE_COLUMN only apply with DATA_FORMAT=template "
-                        f"(DATA_FORMAT={s.data_format!r})")
-    need(s.chat_template_file is None or s.prompt_format == "auto", "prompt_format",
-         "CHAT_TEMPLATE_FILE sets the template itself: leave PROMPT_FORMAT at auto")
-    for name in ("column_map", "role_map"):
-        need(getattr(s, name) is None or bool(NAME_PAIRS.fullmatch(getattr(s, name))), name,
-             "must be comma-separated name=name pairs, e.g. bot=assistant")
-    if s.role_map and NAME_PAIRS.fullmatch(s.role_map):
-        need(set(name_pairs(s.role_map).values()) <= {"system", "user", "assistant", "tool"}, "role_map",
-             "each name must map to system, user, assistant or tool")
-    need(s.push_retries >= 0, "push_retries", "must be 0 or more")
-    need(s.push_backoff >= 0, "push_backoff", "must be 0 or more seconds")
-    need(bool(re.fullmatch(r"\d+(GB|MB|KB|GiB|MiB|KiB)", s.merge_max_shard_size)), "merge_max_shard_size",
-         "must be a whole number and a unit (GB, MB, KB, GiB, MiB, KiB), e.g. 5GB")
-    need(s.num_machines is None or s.num_machines >= 1, "num_machines", "must be at least 1")
-    need(s.machine_rank is None or 0 <= s.machine_rank < (s.num_machines or 2**31), "machine_rank",
-         f"must be in [0, NUM_MACHINES={s.num_machines}), 0 being the first machine")
-    need(s.main_port is None or 1 <= s.main_port <= 65535, "main_port", "must be a TCP port (1-65535)")
-    need(s.num_processes is None or s.num_processes >= 1, "num_processes", "must be at least 1")
-    need(s.strategy not in SHARDED or s.quantization != "int8", "strategy",
-         "cannot shard 8-bit weights; use QUANTIZATION=nf4 (QLoRA) or none with fsdp and zero3")
-    # speed levers that reach into the frozen weights or move them are untested on sharded weights: refused
-    for lever in ("lora_kernel", "nf4_kernel", "dequant_cache", "offload_embeddings"):
-        need(s.strategy not in SHARDED or getattr(s, lever) != "true", lever,
-             f"not supported with STRATEGY={s.strategy} (sharded weights; untested): use auto or false")
-    need(s.strategy not in SHARDED or s.long_context != "on", "long_context",
+        found.append("PROMPT_TEMPLATE and RESPONSE_COLUMN only apply with DATA_FORMAT=template "
+                     f"(DATA_FORMAT={s.data_format!r})")
+    found += _broken(s, [
+        (s.chat_template_file is None or s.prompt_format == "auto", "prompt_format",
+         "CHAT_TEMPLATE_FILE sets the template itself: leave PROMPT_FORMAT at auto"),
+        *((getattr(s, name) is None or bool(NAME_PAIRS.fullmatch(getattr(s, name))), name,
+           "must be comma-separated name=name pairs, e.g. bot=assistant") for name in ("column_map", "role_map")),
+        (not (s.role_map and NAME_PAIRS.fullmatch(s.role_map))
+         or set(name_pairs(s.role_map).values()) <= {"system", "user", "assistant", "tool"}, "role_map",
+         "each name must map to system, user, assistant or tool"),
+    ])
+    return found + parse_sources(s.dataset)[1]
+
+
+def _check_adapter(s: Settings) -> list[str]:
+    """The LoRA adapter."""
+    return _broken(s, [
+        (s.lora_r >= 1, "lora_r", "must be a positive integer (e.g. 16)"),
+        (s.lora_alpha >= 1, "lora_alpha", "must be a positive integer (e.g. 2 x LORA_R)"),
+        (0 <= s.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
+        (bool(re.fullmatch(r"all-linear|[\w.\-]+(,[\w.\-]+)*", s.lora_target_modules)), "lora_target_modules",
+         "must be all-linear or comma-separated module names such as q_proj,v_proj"),
+    ])
+
+
+def _check_optimisation(s: Settings) -> list[str]:
+    """The schedule, the batch and the sequence length; TRAINER_ARGS for the trainer's other arguments."""
+    return _broken(s, [
+        (0 < s.learning_rate < 1, "learning_rate", "must be in (0, 1), e.g. 2e-4"),
+        (0 <= s.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
+        (s.epochs > 0, "epochs", "must be positive"),
+        (s.max_steps == -1 or s.max_steps > 0, "max_steps", "must be -1 (use EPOCHS) or a positive integer"),
+        (s.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
+        (s.grad_accum >= 1, "grad_accum", "must be at least 1"),
+        (s.global_batch_size is None or s.global_batch_size >= 1, "global_batch_size", "must be at least 1"),
+        (s.max_length >= 16, "max_length", "must be at least 16 tokens"),
+    ]) + _check_trainer_args(s)
+
+
+def _check_trainer_args(s: Settings) -> list[str]:
+    """TRAINER_ARGS is a mapping that names none of the arguments the job sets itself (preflight checks the rest
+    against SFTConfig)."""
+    try:
+        extra = trainer_args(s)
+    except ConfigError as error:
+        return [str(error)]
+    return [f"TRAINER_ARGS: {key} is set by the job; use {OWNED_ARGUMENTS[key]}"
+            for key in extra if key in OWNED_ARGUMENTS]
+
+
+def _check_speed(s: Settings) -> list[str]:
+    """The speed levers, and those a sharded STRATEGY refuses."""
+    sharded = s.strategy in SHARDED
+    return _broken(s, [
+        (s.gpu_memory_gib == 0 or s.gpu_memory_gib >= 1, "gpu_memory_gib", "must be 0 (the whole card) or at least 1"),
+        (s.offload_layers >= -1, "offload_layers", "must be -1 (auto) or 0 or more"),
+        (s.dataloader_workers >= -1, "dataloader_workers", "must be -1 (auto) or 0 or more"),
+        # levers that reach into the frozen weights or move them are untested on sharded weights: refused
+        *((not sharded or getattr(s, lever) != "true", lever,
+           f"not supported with STRATEGY={s.strategy} (sharded weights; untested): use auto or false")
+          for lever in ("lora_kernel", "nf4_kernel", "dequant_cache", "offload_embeddings")),
+        (not sharded or s.long_context != "on", "long_context",
          f"not supported with STRATEGY={s.strategy} (its checkpoints and kernels assume whole layers on one GPU): "
-         "use auto or off")
-    need(s.hub_model_id is None or bool(HUB_ID.fullmatch(s.hub_model_id)), "hub_model_id",
-         "must look like user/name")
-    if s.trainer_args is not None:
-        try:
-            extra = trainer_args(s)
-        except ConfigError as error:
-            problems.append(str(error))
-        else:
-            problems += [f"TRAINER_ARGS: {key} is set by the job; use {OWNED_ARGUMENTS[key]}"
-                         for key in extra if key in OWNED_ARGUMENTS]
-    problems += parse_sources(s.dataset)[1]
+         "use auto or off"),
+    ])
+
+
+def _check_evaluation_and_logs(s: Settings) -> list[str]:
+    """Evaluation, checkpoints, logs and trackers."""
     trackers = {t.strip() for t in s.report_to.split(",")}
-    need(trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
-         "must be a comma-separated subset of tensorboard, wandb, mlflow, none")
-    return problems
+    return _broken(s, [
+        (0 <= s.eval_fraction < 0.5, "eval_fraction", "must be in [0, 0.5)"),
+        (s.max_eval_samples >= 1, "max_eval_samples", "must be at least 1"),
+        *((getattr(s, name) >= 1, name, "must be at least 1")
+          for name in ("eval_steps", "save_steps", "logging_steps", "save_total_limit")),
+        (s.sample_prompts >= 0, "sample_prompts", "must be 0 or more"),
+        (s.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+        (trackers <= {"tensorboard", "wandb", "mlflow", "none"}, "report_to",
+         "must be a comma-separated subset of tensorboard, wandb, mlflow, none"),
+    ])
+
+
+def _check_publishing(s: Settings) -> list[str]:
+    """The merge and the push."""
+    return _broken(s, [
+        (s.push_retries >= 0, "push_retries", "must be 0 or more"),
+        (s.push_backoff >= 0, "push_backoff", "must be 0 or more seconds"),
+        (bool(re.fullmatch(r"\d+(GB|MB|KB|GiB|MiB|KiB)", s.merge_max_shard_size)), "merge_max_shard_size",
+         "must be a whole number and a unit (GB, MB, KB, GiB, MiB, KiB), e.g. 5GB"),
+        (s.hub_model_id is None or bool(HUB_ID.fullmatch(s.hub_model_id)), "hub_model_id", "must look like user/name"),
+    ])
+
+
+def _check_launch(s: Settings) -> list[str]:
+    """The machines and processes, and what STRATEGY can shard."""
+    return _broken(s, [
+        (s.num_machines is None or s.num_machines >= 1, "num_machines", "must be at least 1"),
+        (s.machine_rank is None or 0 <= s.machine_rank < (s.num_machines or 2**31), "machine_rank",
+         f"must be in [0, NUM_MACHINES={s.num_machines}), 0 being the first machine"),
+        (s.main_port is None or 1 <= s.main_port <= 65535, "main_port", "must be a TCP port (1-65535)"),
+        (s.num_processes is None or s.num_processes >= 1, "num_processes", "must be at least 1"),
+        (s.strategy not in SHARDED or s.quantization != "int8", "strategy",
+         "cannot shard 8-bit weights; use QUANTIZATION=nf4 (QLoRA) or none with fsdp and zero3"),
+    ])
 
 
 def batch_layout(s: Settings, world_size: int) -> dict:
@@ -598,106 +580,12 @@ def name_pairs(text: str) -> dict[str, str]:
     return dict((side.strip() for side in pair.split("=")) for pair in text.split(","))
 
 
-# The keys of a source in the list form of DATASET, and what other tools' keys for a dataset are here.
-SOURCE_KEYS = ("path", "weight", "split", "config", "revision")
-SOURCE_FOREIGN = {
-    "fraction": "weight: TRL's fraction never repeats rows, so it shrinks the mix to what the smallest share "
-                "allows; a weight repeats a small source to reach its share",
-    "name": "config (the dataset configuration)",
-    "type": "nothing: DATA_FORMAT=auto detects each source's format, and COLUMN_MAP renames columns",
-    "data_files": "path (a file, or a directory of them)",
-}
-
-
-@dataclass(frozen=True)
-class Source:
-    """One dataset of DATASET: where it is, its share of the mix, and its own split, configuration or revision
-    where it has one (else DATASET_SPLIT, DATASET_CONFIG and DATASET_REVISION)."""
-    path: str
-    weight: float | None = None
-    split: str | None = None
-    config: str | None = None
-    revision: str | None = None
-
-    def alone(self, s: Settings) -> Settings:
-        """The settings as if this source were the whole DATASET, so it is read, split, fingerprinted and named in
-        messages as a single dataset is."""
-        return dataclasses.replace(s, dataset=self.path, dataset_split=self.split or s.dataset_split,
-                                   dataset_config=self.config or s.dataset_config,
-                                   dataset_revision=self.revision or s.dataset_revision)
-
-
 def sources(s: Settings) -> list[Source]:
     """The datasets DATASET mixes (one for a single dataset)."""
     found, problems = parse_sources(s.dataset)
     if problems:
         raise ConfigError("\n".join(problems))
     return found
-
-
-def parse_sources(text: str) -> tuple[list[Source], list[str]]:
-    """DATASET as its sources, and every problem with it, each naming the setting and the source.
-
-    A list (YAML or JSON: a YAML file's `dataset:` list arrives as JSON) holds mappings of SOURCE_KEYS or short
-    items. Otherwise the text is comma-separated short items, `path` or `path:weight`, the weight after the last
-    colon: Hub ids hold no comma or colon, builtin:tasks is a name, and a path that holds one needs the list form."""
-    stripped = text.strip()
-    if stripped.startswith(("[", "{")):
-        try:
-            items = yaml.safe_load(stripped)
-        except yaml.YAMLError as error:
-            return [], [f"DATASET={text!r}: not a YAML or JSON list of sources: {error}"]
-        items = [items] if isinstance(items, dict) else items
-        if not isinstance(items, list) or not items:
-            return [], [f"DATASET={text!r}: expected a non-empty list of sources"]
-    else:
-        items = stripped.split(",")
-    found, problems = [], []
-    for number, item in enumerate(items, start=1):
-        try:
-            found.append(_source(item))
-        except ValueError as error:
-            problems.append(f"DATASET source {number} ({item!r}): {error}")
-    weighted = [source.weight is not None for source in found]
-    if len(found) > 1 and any(weighted) and not all(weighted):
-        problems.append("DATASET: give every source a weight, or none (then every row of every source is trained on)")
-    if len(found) == 1 and all(weighted):
-        problems.append(f"DATASET={text!r}: a weight is a source's share of a mix of several; one source is the "
-                        "whole of it: remove the weight")
-    return found, problems
-
-
-def _source(item) -> Source:
-    """One item of DATASET as a Source; ValueError says what is wrong with it."""
-    if isinstance(item, str):
-        item = item.strip()
-        path, colon, weight = item.rpartition(":")
-        item = {"path": path, "weight": weight} if colon and item != BUILTIN_DATASET else {"path": item}
-    if not isinstance(item, dict):
-        raise ValueError(f"expected a path or a mapping of {', '.join(SOURCE_KEYS)}")
-    for key in item:
-        if key not in SOURCE_KEYS:
-            raise ValueError(f"{key!r} is not a key of a source; use " + SOURCE_FOREIGN.get(
-                key, f"one of {', '.join(SOURCE_KEYS)}"))
-    path = item.get("path")
-    if not isinstance(path, str) or not path.strip():
-        raise ValueError("no path")
-    overrides = {key: str(item[key]).strip() for key in ("split", "config", "revision") if item.get(key) is not None}
-    return Source(path.strip(), _weight(item.get("weight")), **overrides)
-
-
-def _weight(raw) -> float | None:
-    if raw is None:
-        return None
-    try:
-        if isinstance(raw, bool):  # YAML's yes/no would pass as 1 and 0
-            raise ValueError
-        weight = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"the weight {raw!r} is not a number") from None
-    if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"the weight {raw!r} must be a positive number (leave the source out to skip it)")
-    return weight
 
 
 def to_json(s: Settings) -> str:

@@ -18,8 +18,8 @@
        CPU    python -m torch.distributed.run --nnodes N --node-rank R --nproc-per-node K
                   --master-addr A --master-port P -m job train     (gloo; `accelerate launch --cpu`
                   starts a single process), or plain `python -m job train` for one process
-  3. passes stop signals (SIGTERM, SIGUSR1; SIGINT as SIGTERM) to the training processes, which
-     checkpoint and exit 75, and returns their exit code: the launchers report any failure as 1, so
+  3. passes stop signals (SIGTERM, SIGUSR1; SIGINT as SIGTERM) to the training processes (job.stopping),
+     which checkpoint and exit 75, and returns their exit code: the launchers report any failure as 1, so
      each training process that fails leaves its own code in JOB_EXIT_DIR (`report_exit_code`).
 The process group lives only in the children: merge and push run in `job run` itself after they
 have exited, so no NCCL watchdog can kill them.
@@ -28,7 +28,6 @@ have exited, so no NCCL watchdog can kill them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import functools
 import ipaddress
@@ -43,11 +42,10 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from job import errors
+from job import errors, stopping
 from job.config import FIELDS, Settings, env_name
 from job.errors import ConfigError
 
@@ -57,7 +55,6 @@ CONFIGS = Path(__file__).parent / "accelerate"  # accelerate (and DeepSpeed) con
 DEFAULT_PORT = 29500
 RENDEZVOUS_TIMEOUT = 1800  # s the other machines wait for machine 0 (it runs preflight and tokenizes first)
 SHUTDOWN_GRACE = 300  # s torchrun gives training processes to checkpoint after a stop signal before SIGKILL
-RESEND_SECONDS = 30  # a stop signal is sent again while training runs, in case it came before the handler
 EXIT_DIR = "JOB_EXIT_DIR"  # where each training process leaves its exit code (set by run_training)
 LAYOUT = ("num_machines", "machine_rank", "main_address", "main_port", "num_processes")
 
@@ -136,20 +133,42 @@ def resolve(s: Settings, environ: dict | None = None, *, gpus: int | None = None
         hostname = socket.gethostname()
     if fqdn is None:
         fqdn = socket.getfqdn(hostname) if "JOB_COMPLETION_INDEX" in env else hostname
-    explicit = {name: getattr(s, name) for name in LAYOUT if getattr(s, name) is not None}
-    found: dict = {"settings": explicit}
+    found = _layouts_found(s, env, hostname, fqdn)
+    chosen, sources = _first_found(found)
+    _settle_machines(env, found, chosen, sources)
+    device = _settle_processes(s, chosen, sources, gpus)
+    if bf16 is None:
+        bf16 = device == "cuda" and _bf16_supported()
+    precision = ("bf16" if bf16 else "fp16") if device == "cuda" else "no"
+    return Topology(chosen["num_machines"], chosen["machine_rank"], str(chosen["main_address"]),
+                    int(chosen["main_port"]), int(chosen["num_processes"]), device, precision,
+                    {name: sources.get(name, "default") for name in LAYOUT})
+
+
+def _layouts_found(s: Settings, env, hostname: str, fqdn: str) -> dict[str, dict]:
+    """The layout values each source gives (the settings first, then the schedulers that are present)."""
+    found: dict = {"settings": {name: getattr(s, name) for name in LAYOUT if getattr(s, name) is not None}}
     for name, source in (("slurm", _slurm), ("kubernetes", lambda e: _kubernetes(e, hostname, fqdn)),
                          ("torchrun", _torchrun)):
         values = source(env)
         if values is not None:
             found[name] = values
+    return found
+
+
+def _first_found(found: dict[str, dict]) -> tuple[dict, dict]:
+    """Each layout value from the first source that has it, and that source's name."""
     chosen, sources = {}, {}
     for name in LAYOUT:
         for source, values in found.items():
             if values.get(name) is not None:
                 chosen[name], sources[name] = values[name], source
                 break
+    return chosen, sources
 
+
+def _settle_machines(env, found: dict, chosen: dict, sources: dict) -> None:
+    """Check the machines and where they meet, and fill in the defaults of one machine on this host."""
     if "slurm" in found and sources.get("num_machines") == "slurm":
         _check_slurm_step(env, chosen["num_machines"])
     if "kubernetes" in found and "num_machines" not in chosen:
@@ -168,6 +187,11 @@ def resolve(s: Settings, environ: dict | None = None, *, gpus: int | None = None
         chosen["main_address"] = "127.0.0.1"
     if "main_port" not in chosen:
         chosen["main_port"] = DEFAULT_PORT if machines > 1 else _free_port()
+
+
+def _settle_processes(s: Settings, chosen: dict, sources: dict, gpus: int) -> str:
+    """Check the processes per machine against the GPUs this machine shows (one per GPU by default, 1 on CPU);
+    the device they train on: cuda or cpu."""
     device = "cuda" if gpus > 0 else "cpu"
     if "num_processes" not in chosen:
         chosen["num_processes"], sources["num_processes"] = max(gpus, 1), "gpus" if gpus else "cpu"
@@ -180,12 +204,7 @@ def resolve(s: Settings, environ: dict | None = None, *, gpus: int | None = None
                           f"this machine shows {gpus} GPU(s): set NUM_PROCESSES to at most {gpus}")
     if device == "cpu" and s.strategy != "ddp":
         raise ConfigError(f"STRATEGY={s.strategy} needs CUDA GPUs; on CPU the job trains with ddp (gloo) only")
-    if bf16 is None:
-        bf16 = device == "cuda" and _bf16_supported()
-    precision = ("bf16" if bf16 else "fp16") if device == "cuda" else "no"
-    return Topology(chosen["num_machines"], chosen["machine_rank"], str(chosen["main_address"]),
-                    int(chosen["main_port"]), int(chosen["num_processes"]), device, precision,
-                    {name: sources.get(name, "default") for name in LAYOUT})
+    return device
 
 
 def _visible_gpus() -> int:
@@ -454,19 +473,11 @@ def run_training(s: Settings, where: Topology | None = None, lock: int | None = 
              where.device, where.num_processes, where.world_size, " ".join(cmd))
     child = subprocess.Popen(cmd, env=child_env(s, where, exit_dir), start_new_session=True,
                              pass_fds=() if lock is None else (lock,),
-                             preexec_fn=functools.partial(_in_child, os.getpid(), launcher))
-    stop = _Stopper(child, launcher)
-    previous = {sig: signal.signal(sig, stop.request) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+                             preexec_fn=functools.partial(stopping.in_child, os.getpid(), launcher))
     try:
-        while True:
-            try:
-                code = child.wait(timeout=1)
-                break
-            except subprocess.TimeoutExpired:
-                stop.resend()
+        with stopping.forwarding(child, launcher) as stop:
+            code = stop.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         ranks = read_exit_codes(exit_dir)
         shutil.rmtree(exit_dir, ignore_errors=True)
     result = outcome(code, ranks, stop.signum)
@@ -474,111 +485,6 @@ def run_training(s: Settings, where: Topology | None = None, lock: int | None = 
         log.error("training ended with exit code %d (launcher %d, processes %s%s)", result, code,
                   ranks or "none reported", f", after {signal.Signals(stop.signum).name}" if stop.signum else "")
     return result
-
-
-class StageSignals:
-    """Outside training (preflight, evaluation, merge, push) a stop signal ends `job run` at once with exit 75, the
-    code a scheduler requeues on, instead of the signal's default death (SIGUSR1 is what Slurm's --signal sends
-    before the time limit). Every stage writes into a staging directory and seals it, so the rerun redoes only the
-    stage that was cut. `run_training` puts its forwarding handlers in place while training runs.
-
-    The handler raises where the main thread happens to be, and a library's broad `except Exception` there can
-    swallow it, so the signal is also remembered and `check` raises it again between stages."""
-
-    def __init__(self):
-        self.received: signal.Signals | None = None
-
-    def preempt(self, signum, frame):
-        self.received = signal.Signals(signum)
-        self.check()
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise errors.Preempted(f"stopped by {self.received.name} outside training; rerun to finish "
-                                   "(finished stages are kept)")
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    signals = StageSignals()
-    previous = {sig: signal.signal(sig, signals.preempt) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield signals
-    except BaseException:
-        # `job run` ends with this exception, its exit code decided. A stop signal from here to the exit (srun
-        # stopping this machine because another one exited first, 75 too) must not make it die by that signal.
-        for sig in previous:
-            signal.signal(sig, exiting)
-        raise
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-def exiting(signum, frame) -> None:
-    """The stop-signal handler once the exit code is decided: the signal changes nothing. A handler, not SIG_IGN:
-    an ignored signal would stay ignored in processes started later."""
-    log.info("received %s while exiting; the exit code stands", signal.Signals(signum).name)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _in_child(parent: int, launcher: bool) -> None:
-    """Run in the child between fork and exec: tie it to `job run`, and keep SIGUSR1 from killing a launcher."""
-    # The child runs in a session of its own (a Ctrl-C reaches only `job run`, which forwards it), so nothing else
-    # ends it if `job run` dies by SIGKILL: the kernel sends it SIGTERM then, and it checkpoints and stops as on a
-    # preemption (torchrun passes SIGTERM on to the training processes) instead of training on beside a rerun.
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # `job run` died before the line above
-            os._exit(errors.EXIT_PREEMPTED)
-    # SIGUSR1 (Slurm's --signal) would kill torchrun, which has no handler for it; ignored there, it is
-    # inherited as ignored until the training process installs its own handler (GuardCallback).
-    if launcher:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-class _Stopper:
-    """Passes stop signals to the training processes (not to the launcher between, which would kill them)."""
-
-    def __init__(self, child: subprocess.Popen, launcher: bool):
-        self.child, self.launcher = child, launcher
-        self.signum = 0
-        self.sent_at = 0.0
-        self.forced = False
-
-    def request(self, signum, frame):
-        if signum == signal.SIGINT and self.signum:  # a second Ctrl-C: stop now, no checkpoint
-            log.warning("second Ctrl-C: killing training now, without a checkpoint (a rerun resumes from the last one)")
-            self.forced = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGKILL)
-            return
-        forward = signal.SIGTERM if signum == signal.SIGINT else signum
-        log.warning("received %s: asking training to checkpoint and stop", signal.Signals(signum).name)
-        self.signum = self.signum or forward
-        self._send()
-
-    def resend(self):
-        if self.signum and not self.forced and time.monotonic() - self.sent_at > RESEND_SECONDS:
-            self._send()
-
-    def _send(self):
-        self.sent_at = time.monotonic()
-        for pid in self.training_processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, self.signum)
-
-    def training_processes(self) -> list[int]:
-        if not self.launcher:
-            return [self.child.pid]
-        import psutil
-
-        try:
-            return [p.pid for p in psutil.Process(self.child.pid).children()]
-        except psutil.Error:
-            return []
 
 
 def outcome(code: int, ranks: dict[int, int], signum: int = 0) -> int:

@@ -29,6 +29,7 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +48,19 @@ CHECK_NEW_TOKENS = 16  # generated from the saved model: it loads, templates and
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")
 
 
+@dataclass
+class Inputs:
+    """What the merge reads, once: a CPU retry after running out of GPU memory reuses it."""
+    path: str  # the base model, resolved (model.resolve)
+    config: object  # the base model's config
+    adapter: str  # OUTPUT_DIR/adapter
+    tokenizer: object  # the adapter's; the merged model's once its pad token and chat template are set
+    chat_template: str  # the one training rendered the data with
+    end_of_turn: int
+    rows: list[torch.Tensor]  # verification rows (verification_rows)
+    messages: list[dict]  # a conversation whose answer the saved model generates
+
+
 def merge(s: Settings) -> dict:
     layout = Layout(s.output)
     metrics_path = layout.metrics / "merge.json"
@@ -61,55 +75,21 @@ def merge(s: Settings) -> dict:
         return {}
 
     started = time.time()
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = model.resolve(s.base_model)
-    adapter = str(layout.adapter)
-    meta = checkpoint.read_json(layout.adapter / "job.json") or {}
-    tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=s.trust_remote_code)
-    base_config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
-    from accelerate import PartialState
-
-    prepared = data.load(s, tokenizer, base_config.model_type, layout.cache, PartialState())
-    end_of_turn = meta.get("end_of_turn_id", prepared.end_of_turn_id)
-    rows = verification_rows(prepared)
-    messages = prepared.samples[0]["messages"] if prepared.samples else [{"role": "user", "content": "Hello!"}]
-
+    inputs = _read_inputs(s, layout)
     _free()  # what evaluation left in this process's GPU cache
     cap = speed.probe(s.gpu_memory_gib)
     speed.apply_memory_cap(cap)  # every stage stays inside GPU_MEMORY_GIB, as on a smaller card
-    device = choose_device(s, base_config, path, cap.budget_gib)
+    device = choose_device(s, inputs.config, inputs.path, cap.budget_gib)
     _reset_peak()
-    quantized = _training_time_logits(s, path, adapter, rows)
+    quantized = _training_time_logits(s, inputs.path, inputs.adapter, inputs.rows)
     staging = layout.root / ".merged.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        result = _merge_and_check(s, path, adapter, tokenizer, prepared.chat_template, end_of_turn, rows,
-                                  messages, device, staging)
-    except torch.cuda.OutOfMemoryError:
-        if s.merge_device != "auto":
-            raise
-        log.warning("out of GPU memory while merging; merging on CPU instead")
-        shutil.rmtree(staging, ignore_errors=True)
-        _free()
-        device = "cpu"
-        result = _merge_and_check(s, path, adapter, tokenizer, prepared.chat_template, end_of_turn, rows,
-                                  messages, device, staging)
-    reference = result.pop("_reference")
-    gap = _gap(quantized, reference) if quantized is not None else None
-    result.update(gap_4bit=gap and gap[0], relative_gap_4bit=gap and gap[1], top1_agreement_4bit=gap and gap[2])
-    result.update(training_quantization=s.quantization, seconds=round(time.time() - started, 1), **_peak(device))
-    result["peak_memory_gib"] = result["peak_gpu_gib"] if device == "cuda" else result["peak_cpu_rss_gib"]
-
-    log.info("merge check: %s", describe(result, s.quantization))
-    log.info("merged on %s in %s; peak memory %.2f GiB (process RSS %.2f GiB%s)", device, result["dtype"],
-             result["peak_memory_gib"], result["peak_cpu_rss_gib"],
-             f", GPU {result['peak_gpu_gib']:.2f} GiB" if result["peak_gpu_gib"] is not None else "")
+    result = _merge_falling_back_to_cpu(s, inputs, device, staging)
+    _add_measures(result, s, quantized, started)
     if not result["passed"]:
         shutil.rmtree(staging, ignore_errors=True)
         checkpoint.write_json(metrics_path, result)
         raise VerifyFailed("the merged model does not match base + adapter: " + "; ".join(result["problems"])
-                           + ". Nothing was pushed; the adapter is intact in " + adapter)
+                           + ". Nothing was pushed; the adapter is intact in " + inputs.adapter)
     from job.publish import model_card
 
     (staging / "README.md").write_text(model_card(s, layout, "merged", merge_metrics=result), encoding="utf-8")
@@ -118,6 +98,49 @@ def merge(s: Settings) -> dict:
     checkpoint.seal(staging, layout.merged)
     log.info("merged model saved: %s", layout.merged)
     return result
+
+
+def _read_inputs(s: Settings, layout: Layout) -> Inputs:
+    """The base, the adapter with its tokenizer and end-of-turn token, and the data's rows and chat template."""
+    from accelerate import PartialState
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = model.resolve(s.base_model)
+    meta = checkpoint.read_json(layout.adapter / "job.json") or {}
+    tokenizer = AutoTokenizer.from_pretrained(str(layout.adapter), trust_remote_code=s.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    prepared = data.load(s, tokenizer, config.model_type, layout.cache, PartialState())
+    messages = prepared.samples[0]["messages"] if prepared.samples else [{"role": "user", "content": "Hello!"}]
+    return Inputs(path, config, str(layout.adapter), tokenizer, prepared.chat_template,
+                  meta.get("end_of_turn_id", prepared.end_of_turn_id), verification_rows(prepared), messages)
+
+
+def _merge_falling_back_to_cpu(s: Settings, inputs: Inputs, device: str, staging: Path) -> dict:
+    """The merge and its check on `device`; under MERGE_DEVICE=auto, on the CPU after running out of GPU memory."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        return _merge_and_check(s, inputs, device, staging)
+    except torch.cuda.OutOfMemoryError:
+        if s.merge_device != "auto":
+            raise
+        log.warning("out of GPU memory while merging; merging on CPU instead")
+        shutil.rmtree(staging, ignore_errors=True)
+        _free()
+        return _merge_and_check(s, inputs, "cpu", staging)
+
+
+def _add_measures(result: dict, s: Settings, quantized: list[torch.Tensor] | None, started: float) -> None:
+    """Add the gap to the training-time model, the time and the peak memory to the merge result, and log it."""
+    device = result["device"]
+    reference = result.pop("_reference")
+    gap = _gap(quantized, reference) if quantized is not None else None
+    result.update(gap_4bit=gap and gap[0], relative_gap_4bit=gap and gap[1], top1_agreement_4bit=gap and gap[2])
+    result.update(training_quantization=s.quantization, seconds=round(time.time() - started, 1), **_peak(device))
+    result["peak_memory_gib"] = result["peak_gpu_gib"] if device == "cuda" else result["peak_cpu_rss_gib"]
+    log.info("merge check: %s", describe(result, s.quantization))
+    log.info("merged on %s in %s; peak memory %.2f GiB (process RSS %.2f GiB%s)", device, result["dtype"],
+             result["peak_memory_gib"], result["peak_cpu_rss_gib"],
+             f", GPU {result['peak_gpu_gib']:.2f} GiB" if result["peak_gpu_gib"] is not None else "")
 
 
 def describe(result: dict, quantization: str) -> str:
@@ -151,69 +174,126 @@ def save_merged(merged, tokenizer, staging: Path, max_shard_size: str) -> None:
     tokenizer.save_pretrained(staging)
 
 
-def _merge_and_check(s: Settings, path: str, adapter: str, tokenizer, chat_template: str, end_of_turn: int,
-                     rows: list[torch.Tensor], messages: list[dict], device: str, staging: Path) -> dict:
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+@dataclass
+class Merged:
+    """What merging showed, for the checks of the saved folder (the models themselves are freed)."""
+    tied: set[str]  # weights tied to another, which the saved model need not hold (verify.check_weights)
+    reference: list[torch.Tensor]  # logits of base + adapter, unmerged
+    logits: list[torch.Tensor]  # logits of the merged model
+    twin: list[torch.Tensor]  # logits with every adapted weight one rounding step off (rounding_twin_logits)
+
+
+@dataclass
+class Reloaded:
+    """What the saved folder shows, loaded back as users load it."""
+    dtype: torch.dtype
+    forward: dict  # verify.compare_logits against the merged model and the unmerged reference
+    eos_ids: list[int]
+    chat_template: str | None
+    pad_token_id: int | None
+    sample: dict | None  # a chat-templated prompt and what it generated; None without the training template
+
+
+def _merge_and_check(s: Settings, inputs: Inputs, device: str, staging: Path) -> dict:
+    """Merge on `device` into `staging`, then check the saved folder: merge.json's result (passed, checks,
+    problems, measures), with the unmerged reference logits under "_reference"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = merge_dtype(s, path, device)
+    dtype = merge_dtype(s, inputs.path, device)
     log.info("merging on %s in %s (MERGE_DEVICE=%s, MERGE_DTYPE=%s)", device, verify._name(dtype), s.merge_device,
              s.merge_dtype)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=_device_map(device),
-                                                trust_remote_code=s.trust_remote_code)
-    tied = set(base._tied_weights_keys or {}) if base.config.get_text_config().tie_word_embeddings else set()
-    # peft would read the adapter onto the GPU by default, even for a CPU merge on a full GPU
-    tuned = PeftModel.from_pretrained(base, adapter, torch_device="cuda:0" if device == "cuda" else "cpu")
-    tuned.eval()
-    adapted = [name.removeprefix(verify.ADAPTER_PREFIX) for name, module in tuned.named_modules()
-               if isinstance(module, LoraLayer)]
-    reference = logits(tuned, rows)
-    merged = merge_weights(tuned)
-    merged_logits = logits(merged, rows)
-    merged.generation_config = generation_config(path, merged, tokenizer, end_of_turn)
-    set_distinct_pad(tokenizer, _as_list(merged.generation_config.eos_token_id))
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.chat_template = chat_template
-    save_merged(merged, tokenizer, staging, s.merge_max_shard_size)
-    twin = rounding_twin_logits(merged, adapted, rows)
-    del merged, tuned, base
+    merged = _merge_into(staging, s, inputs, device, dtype)
     _free()
-
-    weights = verify.check_weights(staging, path, Path(adapter), dtype, device, tied)
-    problems = list(weights["problems"])
+    weights = verify.check_weights(staging, inputs.path, Path(inputs.adapter), dtype, device, merged.tied)
     try:
         # The artifact as users will load it: plain Auto classes, no dtype argument (the saved one is used).
         loaded = AutoModelForCausalLM.from_pretrained(staging, device_map=_device_map(device),
                                                       trust_remote_code=s.trust_remote_code)
         loaded_tokenizer = AutoTokenizer.from_pretrained(staging, trust_remote_code=s.trust_remote_code)
     except (OSError, ValueError, RuntimeError) as error:
-        problems.append(f"the saved model does not load with AutoModelForCausalLM: {str(error).splitlines()[0]}")
-        return _failed_load(device, dtype, weights, problems, reference)
-    loaded_dtype = loaded.dtype
+        problems = [*weights["problems"],
+                    f"the saved model does not load with AutoModelForCausalLM: {str(error).splitlines()[0]}"]
+        return _failed_load(device, dtype, weights, problems, merged.reference)
+    reloaded = _run_reloaded(loaded, loaded_tokenizer, s, inputs, merged, dtype)
+    del loaded
+    _free()
+    checks = {
+        "weights_match": not weights["problems"],
+        "finite": reloaded.forward["finite"],
+        "loads_as_merged": reloaded.forward["loads_as_merged"],
+        "logits_within_rounding": reloaded.forward["logits_within_rounding"],
+        "saved_dtype": reloaded.dtype == dtype,
+        "chat_template_saved": reloaded.chat_template == inputs.chat_template,
+        "eos_in_generation_config": (inputs.tokenizer.eos_token_id in reloaded.eos_ids
+                                     and inputs.end_of_turn in reloaded.eos_ids),
+    }
+    return {
+        "device": device,
+        "dtype": verify._name(dtype),
+        **{k: v for k, v in weights.items() if k != "problems"},
+        **{k: v for k, v in reloaded.forward.items() if k not in checks},
+        "rows_compared": len(inputs.rows),
+        "tokens_compared": sum(r.shape[1] for r in inputs.rows),
+        "passed": all(checks.values()),
+        "checks": checks,
+        "problems": weights["problems"] + _check_problems(checks, reloaded, inputs, dtype),
+        "eos_token_id": reloaded.eos_ids,
+        "end_of_turn_id": inputs.end_of_turn,
+        "pad_token_id": reloaded.pad_token_id,
+        "files": sorted(p.name for p in staging.iterdir()),
+        "generation": reloaded.sample,
+        "_reference": merged.reference,
+    }
+
+
+def _merge_into(staging: Path, s: Settings, inputs: Inputs, device: str, dtype: torch.dtype) -> Merged:
+    """The base in `dtype` with the adapter folded in, saved to `staging` with the tokenizer, the training chat
+    template and a generation config that stops at EOS and the end-of-turn token; the logits the checks need."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(inputs.path, dtype=dtype, device_map=_device_map(device),
+                                                trust_remote_code=s.trust_remote_code)
+    tied = set(base._tied_weights_keys or {}) if base.config.get_text_config().tie_word_embeddings else set()
+    # peft would read the adapter onto the GPU by default, even for a CPU merge on a full GPU
+    tuned = PeftModel.from_pretrained(base, inputs.adapter, torch_device="cuda:0" if device == "cuda" else "cpu")
+    tuned.eval()
+    adapted = [name.removeprefix(verify.ADAPTER_PREFIX) for name, module in tuned.named_modules()
+               if isinstance(module, LoraLayer)]
+    reference = logits(tuned, inputs.rows)
+    merged = merge_weights(tuned)
+    merged_logits = logits(merged, inputs.rows)
+    tokenizer = inputs.tokenizer
+    merged.generation_config = generation_config(inputs.path, merged, tokenizer, inputs.end_of_turn)
+    set_distinct_pad(tokenizer, _as_list(merged.generation_config.eos_token_id))
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.chat_template = inputs.chat_template
+    save_merged(merged, tokenizer, staging, s.merge_max_shard_size)
+    return Merged(tied, reference, merged_logits, rounding_twin_logits(merged, adapted, inputs.rows))
+
+
+def _run_reloaded(loaded, loaded_tokenizer, s: Settings, inputs: Inputs, merged: Merged,
+                 dtype: torch.dtype) -> Reloaded:
+    """The saved model, loaded back: its logits against the merged model's, and a chat-templated prompt generated."""
     loaded.eval()
-    forward = verify.compare_logits(logits(loaded, rows), merged_logits, twin, reference, dtype)
+    forward = verify.compare_logits(logits(loaded, inputs.rows), merged.logits, merged.twin, merged.reference, dtype)
     eos_ids = _as_list(loaded.generation_config.eos_token_id)
     sample = None
-    if loaded_tokenizer.chat_template == chat_template:
-        prompt = loaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if loaded_tokenizer.chat_template == inputs.chat_template:
+        prompt = loaded_tokenizer.apply_chat_template(inputs.messages, add_generation_prompt=True, tokenize=False)
         # no eos_ids: the saved generation config must stop it; a few tokens prove it generates (the prompt test
         # in evaluation already generated MAX_NEW_TOKENS from the trained model)
         text, new = generate(loaded, loaded_tokenizer, prompt, min(s.max_new_tokens, CHECK_NEW_TOKENS))
         sample = {"prompt": prompt, "output": text, "new_tokens": len(new),
                   "stopped_at_eos": bool(new) and new[-1] in eos_ids}
-    del loaded
-    _free()
+    return Reloaded(loaded.dtype, forward, eos_ids, loaded_tokenizer.chat_template, loaded_tokenizer.pad_token_id,
+                    sample)
 
-    checks = {
-        "weights_match": not weights["problems"],
-        "finite": forward["finite"],
-        "loads_as_merged": forward["loads_as_merged"],
-        "logits_within_rounding": forward["logits_within_rounding"],
-        "saved_dtype": loaded_dtype == dtype,
-        "chat_template_saved": loaded_tokenizer.chat_template == chat_template,
-        "eos_in_generation_config": tokenizer.eos_token_id in eos_ids and end_of_turn in eos_ids,
-    }
+
+def _check_problems(checks: dict, reloaded: Reloaded, inputs: Inputs, dtype: torch.dtype) -> list[str]:
+    """What each failed check of the saved folder means (the weight check names its own problems)."""
+    forward, problems = reloaded.forward, []
     if not checks["finite"]:
         problems.append("the logits are not finite" + (
             f" (MERGE_DTYPE={verify._name(dtype)} overflows: use MERGE_DTYPE=bfloat16)"
@@ -227,30 +307,14 @@ def _merge_and_check(s: Settings, path: str, adapter: str, tokenizer, chat_templ
                         f"{verify.TWIN_MARGIN:g}x the gap of one rounding step on every adapted weight "
                         f"({forward['rounding_twin_gap']:.4g})")
     if not checks["saved_dtype"]:
-        problems.append(f"the saved model loads as {verify._name(loaded_dtype)}, not MERGE_DTYPE="
+        problems.append(f"the saved model loads as {verify._name(reloaded.dtype)}, not MERGE_DTYPE="
                         f"{verify._name(dtype)}")
     if not checks["chat_template_saved"]:
         problems.append("the saved tokenizer lacks the chat template used in training")
     if not checks["eos_in_generation_config"]:
-        problems.append(f"generation_config.eos_token_id={eos_ids} lacks EOS {tokenizer.eos_token_id} or the "
-                        f"end-of-turn token {end_of_turn}")
-    return {
-        "device": device,
-        "dtype": verify._name(dtype),
-        **{k: v for k, v in weights.items() if k != "problems"},
-        **{k: v for k, v in forward.items() if k not in checks},
-        "rows_compared": len(rows),
-        "tokens_compared": sum(r.shape[1] for r in rows),
-        "passed": all(checks.values()),
-        "checks": checks,
-        "problems": problems,
-        "eos_token_id": eos_ids,
-        "end_of_turn_id": end_of_turn,
-        "pad_token_id": loaded_tokenizer.pad_token_id,
-        "files": sorted(p.name for p in staging.iterdir()),
-        "generation": sample,
-        "_reference": reference,
-    }
+        problems.append(f"generation_config.eos_token_id={reloaded.eos_ids} lacks EOS {inputs.tokenizer.eos_token_id} "
+                        f"or the end-of-turn token {inputs.end_of_turn}")
+    return problems
 
 
 def _failed_load(device: str, dtype: torch.dtype, weights: dict, problems: list[str], reference) -> dict:

@@ -74,7 +74,7 @@ def check_trainer_args(s: Settings) -> None:
 
 def preflight(s: Settings, world_size: int = 1) -> dict:
     from accelerate import PartialState, init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     layout = Layout(s.output)
     check_output_dir(layout)
@@ -84,16 +84,9 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
     # a GLOBAL_BATCH_SIZE that does not divide into this layout is refused before anything loads
     batch = None if finished else batch_layout(s, world_size)
     as_trained = s if finished else dataclasses.replace(s, grad_accum=batch["grad_accum"])  # s: the run's identity
-    if s.hub_model_id and finished:
-        publish.require_token(s)  # a finished run's rerun contacts the Hub only to push
-    elif s.hub_model_id:
-        publish.check_access(s)
+    check_hub(s, finished)
     path = model.resolve(s.base_model)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise unreachable_or(error, f"BASE_MODEL={s.base_model}",
-                             ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}")) from None
+    config = load_config(s, path)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
     model.lora_config(s, skeleton)  # raises when LORA_TARGET_MODULES names layers the model lacks
@@ -107,23 +100,16 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
         layout.checkpoints, batch, strategy=s.strategy, allow_change=s.allow_batch_change)
     checkpoint.claim(layout, {**s.identity(), "data_fingerprint": prepared.fingerprint}, batch)
 
-    first = prepared.train[0]
-    shown = "".join(
-        f"[{tokenizer.decode(ids)}]" if trained else tokenizer.decode(ids)
-        for ids, trained in _runs(first["input_ids"], first["labels"]))
-    rows_per_step = as_trained.micro_batch_size * as_trained.grad_accum * world_size
-    steps_per_epoch = max(1, math.ceil(prepared.stats["train_tokens"] / (s.max_length * rows_per_step * 0.95))
-                          if s.packing else math.ceil(prepared.stats["train_rows"] / rows_per_step))
     return {
         "base_model": s.base_model,
         "model_type": config.model_type,
         "parameters": sum(p.numel() for p in skeleton.parameters()),
         "dataset": s.dataset,
         "data": prepared.stats,
-        "sample_rendered": shown,
+        "sample_rendered": rendered_sample(tokenizer, prepared.train[0]),
         "sample_legend": "text in [brackets] is trained on (the answer and its end-of-turn token)",
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
-        "planned_steps": s.max_steps if s.max_steps > 0 else math.ceil(steps_per_epoch * s.epochs),
+        "planned_steps": planned_steps(as_trained, prepared.stats, world_size),
         "estimated_gpu_gib": (levers.estimated_peak_gib if levers.device != "cpu"
                               else round(estimate_gpu_gib(s, skeleton, config, levers.checkpointing != "none"), 1)),
         "speed_levers": levers.summary(),  # what job.speed chose for this card and model, and why
@@ -135,6 +121,41 @@ def preflight(s: Settings, world_size: int = 1) -> dict:
         "batch": resumed,  # the global batch, this layout's accumulation, and the layouts the run trained under
         "cpu_count": os.cpu_count(),
     }
+
+
+def check_hub(s: Settings, finished: bool) -> None:
+    """With HUB_MODEL_ID: the token a push needs, asked of the Hub before training (a finished run's rerun contacts
+    the Hub only to push)."""
+    if s.hub_model_id and finished:
+        publish.require_token(s)
+    elif s.hub_model_id:
+        publish.check_access(s)
+
+
+def load_config(s: Settings, path: str):
+    """The base model's config (the Hub being unreachable is HubUnreachable, exit 5)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise unreachable_or(error, f"BASE_MODEL={s.base_model}",
+                             ConfigError(f"BASE_MODEL={s.base_model}: cannot load its config: {error}")) from None
+
+
+def rendered_sample(tokenizer, row: dict) -> str:
+    """A training row as text, the tokens trained on in [brackets]."""
+    return "".join(f"[{tokenizer.decode(ids)}]" if trained else tokenizer.decode(ids)
+                   for ids, trained in _runs(row["input_ids"], row["labels"]))
+
+
+def planned_steps(s: Settings, stats: dict, world_size: int) -> int:
+    """Optimizer steps the run will take under `s` as this layout trains it: MAX_STEPS, else EPOCHS over the rows
+    (packed: sequences ~95% full)."""
+    rows_per_step = s.micro_batch_size * s.grad_accum * world_size
+    steps_per_epoch = max(1, math.ceil(stats["train_tokens"] / (s.max_length * rows_per_step * 0.95))
+                          if s.packing else math.ceil(stats["train_rows"] / rows_per_step))
+    return s.max_steps if s.max_steps > 0 else math.ceil(steps_per_epoch * s.epochs)
 
 
 def _runs(input_ids, labels):

@@ -307,22 +307,37 @@ def _trained_on(mix: list) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
 
 
+METHODS = {"nf4": "QLoRA (4-bit NF4 base)", "int8": "LoRA on an 8-bit base", "none": "LoRA on a 16-bit base"}
+# The settings the card's training table lists (SYSTEM_PROMPT only when set).
+CARD_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
+                 "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "micro_batch_size", "grad_accum", "max_length",
+                 "packing", "seed", "data_format", "prompt_format", "system_prompt")
+
+
 def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | None = None,
                merge_metrics: dict | None = None) -> str:
     """README.md for the merged model (kind="merged") or the adapter: YAML front matter, what it was trained
     from and on, the prompt format with an example, training settings, metrics, and how to load it."""
     parts = parts or [kind]
-    train = checkpoint.read_json(layout.metrics / "train.json") or {}
-    evaluation = checkpoint.read_json(layout.metrics / "evaluate.json") or {}
     merged = merge_metrics or checkpoint.read_json(layout.metrics / "merge.json") or {}
-    repo = s.hub_model_id
     base = "the built-in tiny Llama test model" if s.base_model == BUILTIN_MODEL else f"`{s.base_model}`"
     mix = sources(s)
     dataset = _trained_on(mix)
-    split = f" (split `{mix[0].alone(s).dataset_split}`)" if len(mix) == 1 else ""  # a mix: in summary.json
-    method = {"nf4": "QLoRA (4-bit NF4 base)", "int8": "LoRA on an 8-bit base", "none": "LoRA on a 16-bit base"}
-    method = method.get(s.quantization, s.quantization)
+    method = METHODS.get(s.quantization, s.quantization)
+    return "\n".join([
+        *_front_matter(s, kind, mix),
+        *_introduction(s, kind, parts, base, dataset, method),
+        *_prompt_format(s, layout),
+        *_how_to_load(s, kind, parts, merged),
+        *_training_table(s, layout, base, dataset, mix, method),
+        *_results_table(s, layout, merged),
+        "## License", "",
+        f"Not set by the training job: the terms of the base model ({base}) and of the dataset apply.", "",
+    ])
 
+
+def _front_matter(s: Settings, kind: str, mix: list) -> list[str]:
+    """The card's YAML front matter: library, task, tags, and the base model and datasets where they are on the Hub."""
     front = {"library_name": "transformers" if kind == "merged" else "peft", "pipeline_tag": "text-generation",
              "license": "unknown",
              "tags": ["text-generation", "sft", "lora", *(["qlora"] if s.quantization != "none" else []),
@@ -334,16 +349,13 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
     hub_datasets = [source.path for source in mix if _hub_id(source.path)]
     if hub_datasets:
         front["datasets"] = hub_datasets
+    return ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", ""]
 
-    if kind == "merged":
-        where = repo or "path/to/merged"
-        subfolder = ""
-    else:
-        where = repo or "path/to/adapter"
-        subfolder = "adapter" if "merged" in parts else ""
-    example, generation_prompt, template, stops = _prompt_example(s, layout)
+
+def _introduction(s: Settings, kind: str, parts: list[str], base: str, dataset: str, method: str) -> list[str]:
+    """The title, what the model is, and where the adapter is when the merged model is beside it."""
+    repo = s.hub_model_id
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
         f"# {repo.split('/')[-1] if repo else 'Fine-tuned model'}", "",
         (f"{base[0].upper() + base[1:]} fine-tuned on {dataset} with {method}; the adapter was merged into the "
          "16-bit base weights." if kind == "merged" else f"A LoRA adapter for {base}, trained on {dataset} with "
@@ -351,7 +363,13 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
     ]
     if len(parts) > 1:
         lines += ["This repository holds the merged model at its root and the LoRA adapter under `adapter/`.", ""]
-    lines += [
+    return lines
+
+
+def _prompt_format(s: Settings, layout: Layout) -> list[str]:
+    """The chat template with a conversation as trained, and the prompt for a new answer."""
+    example, generation_prompt, template, stops = _prompt_example(s, layout)
+    return [
         "## Prompt format", "",
         "Conversations are rendered with the chat template below, the one used in training; it is saved with "
         f"the tokenizer, so `apply_chat_template` reproduces it. Generation stops at {stops}.", "",
@@ -360,16 +378,22 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
         "The prompt for a new answer (`add_generation_prompt=True`):", "",
         "```text", generation_prompt, "```", "",
         "<details><summary>Chat template (Jinja)</summary>", "", "```jinja", template, "```", "", "</details>", "",
-        "## How to load", "",
     ]
+
+
+def _how_to_load(s: Settings, kind: str, parts: list[str], merged: dict) -> list[str]:
+    """Code that loads the model (or the adapter, from its subfolder when the merged model is beside it) and asks
+    it a question."""
+    lines = ["## How to load", ""]
     if kind == "merged":
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model_id = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+                  f'model_id = "{s.hub_model_id or "path/to/merged"}"',
+                  "tokenizer = AutoTokenizer.from_pretrained(model_id)",
                   'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")', ""]
     else:
-        sub = f', subfolder="{subfolder}"' if subfolder else ""
+        sub = ', subfolder="adapter"' if "merged" in parts else ""
         lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
-                  "", f'adapter_id = "{where}"',
+                  "", f'adapter_id = "{s.hub_model_id or "path/to/adapter"}"',
                   f"tokenizer = AutoTokenizer.from_pretrained(adapter_id{sub})",
                   f'model = AutoPeftModelForCausalLM.from_pretrained(adapter_id{sub}, dtype="auto", '
                   'device_map="auto")', ""]
@@ -382,19 +406,19 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
         "```", "",
     ]
     if kind == "merged":
-        lines += [f"Weights are {merged.get('dtype', '16-bit')} safetensors (sharded for large models); "
-                  "`generation_config.json` lists EOS and the end-of-turn token as stop tokens.", ""]
-    else:
-        lines += ["Loading the adapter downloads the base model it names in `adapter_config.json`.", ""]
+        return lines + [f"Weights are {merged.get('dtype', '16-bit')} safetensors (sharded for large models); "
+                        "`generation_config.json` lists EOS and the end-of-turn token as stop tokens.", ""]
+    return lines + ["Loading the adapter downloads the base model it names in `adapter_config.json`.", ""]
 
-    lines += ["## Training", "", "| Setting | Value |", "| --- | --- |",
-              f"| base model | {base} |", f"| dataset | {dataset}{split} |",
-              f"| method | {method} |"]
-    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
-                 "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "micro_batch_size", "grad_accum",
-                 "max_length", "packing", "seed", "data_format", "prompt_format", "system_prompt"):
-        if hasattr(s, name) and not (name == "system_prompt" and getattr(s, name) is None):
-            lines.append(f"| `{name.upper()}` | `{getattr(s, name)}` |")
+
+def _training_table(s: Settings, layout: Layout, base: str, dataset: str, mix: list, method: str) -> list[str]:
+    """What was trained from, on and how (CARD_SETTINGS), and what training did."""
+    split = f" (split `{mix[0].alone(s).dataset_split}`)" if len(mix) == 1 else ""  # a mix: in summary.json
+    lines = ["## Training", "", "| Setting | Value |", "| --- | --- |", f"| base model | {base} |",
+             f"| dataset | {dataset}{split} |", f"| method | {method} |"]
+    lines += [f"| `{name.upper()}` | `{getattr(s, name)}` |" for name in CARD_SETTINGS
+              if not (name == "system_prompt" and s.system_prompt is None)]
+    train = checkpoint.read_json(layout.metrics / "train.json") or {}
     stats = train.get("data") or {}
     # GRAD_ACCUM above is the setting: with GLOBAL_BATCH_SIZE the accumulation was derived for each layout
     global_batch = (train.get("batch") or {}).get("global_batch_size")
@@ -404,7 +428,13 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
                                                                       _num(train.get("train_loss")))):
         if value is not None:
             lines.append(f"| {label} | {value} |")
-    lines += ["", "## Results", "", "| Metric | Value |", "| --- | --- |"]
+    return lines + [""]
+
+
+def _results_table(s: Settings, layout: Layout, merged: dict) -> list[str]:
+    """The eval loss and perplexity before and after training, and the merge check's figures."""
+    evaluation = checkpoint.read_json(layout.metrics / "evaluate.json") or {}
+    lines = ["## Results", "", "| Metric | Value |", "| --- | --- |"]
     for label, key in (("eval loss before training", "eval_loss_before"), ("eval loss after", "eval_loss_after"),
                        ("perplexity before", "perplexity_before"), ("perplexity after", "perplexity_after")):
         if evaluation.get(key) is not None:
@@ -421,10 +451,8 @@ def model_card(s: Settings, layout: Layout, kind: str, *, parts: list[str] | Non
     if merged.get("gap_4bit") is not None:
         lines.append(f"| max logit gap, 16-bit vs the {s.quantization} training-time model | "
                      f"{_num(merged['gap_4bit'])} ({_pct(merged.get('relative_gap_4bit'))}) |")
-    lines += ["", "Evaluation rows are held out from the training data (or the configured evaluation split).", "",
-              "## License", "",
-              f"Not set by the training job: the terms of the base model ({base}) and of the dataset apply.", ""]
-    return "\n".join(lines)
+    return lines + ["", "Evaluation rows are held out from the training data (or the configured evaluation split).",
+                    ""]
 
 
 def _prompt_example(s: Settings, layout: Layout) -> tuple[str, str, str, str]:

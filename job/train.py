@@ -36,61 +36,92 @@ def train(s: Settings) -> dict:
     if s.strategy == "fsdp":
         patch_peft_for_fsdp1()  # before any checkpoint is saved or resumed
     layout = Layout(s.output)
-    if state.is_main_process:
-        checkpoint.intact(layout.adapter)  # a damaged adapter is moved aside, and rebuilt from the last checkpoint
-    state.wait_for_everyone()
-    if checkpoint.is_complete(layout.adapter):
+    if _finished(layout, state):
         log.info("training already finished: %s", layout.adapter)
         return checkpoint.read_json(layout.metrics / "train.json") or {}
     guard = GuardCallback()  # trap signals first: a preemption while loading still checkpoints after one step
+    s, batch, identity = _as_this_layout_trains(s, state.num_processes)
 
-    batch = batch_layout(s, state.num_processes)
-    if s.global_batch_size is not None and s.grad_accum != 1:
-        log.warning("GRAD_ACCUM=%d is ignored: GLOBAL_BATCH_SIZE=%d gives %d accumulation steps on %d process(es)",
-                    s.grad_accum, s.global_batch_size, batch["grad_accum"], state.num_processes)
-    identity = s.identity()  # GRAD_ACCUM as set: the layout's own accumulation is checked by resume_batch
-    s = dataclasses.replace(s, grad_accum=batch["grad_accum"])
     path = model.resolve(s.base_model)
     tokenizer = model.load_tokenizer(s, path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     levers = speed.setup(s, config)
     prepared = data.load(s, tokenizer, config.model_type, layout.cache, state)
-    resumed = None  # the batch record written into each checkpoint (by the main process)
-    if state.is_main_process:
-        resumed = checkpoint.resume_batch(layout.checkpoints, batch, strategy=s.strategy,
-                                          allow_change=s.allow_batch_change)  # before claim: a refusal changes nothing
-        checkpoint.claim(layout, {**identity, "data_fingerprint": prepared.fingerprint}, batch)
-        shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
-        layout.checkpoints.mkdir(parents=True, exist_ok=True)
-        checkpoint.latest_intact_checkpoint(layout.checkpoints)  # before rotation, which keeps the newest
-        checkpoint.rotate(layout.checkpoints, s.save_total_limit)
-    state.wait_for_everyone()
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(layout.tensorboard))
+    resumed = _claim(s, layout, state, batch, {**identity, "data_fingerprint": prepared.fingerprint})
 
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(layout.tensorboard))
     trainer, _ = build_trainer(s, path, config, levers, tokenizer, prepared.train, prepared.eval,
                                stats=prepared.stats, device_map=_device_map(s, state),
                                trainer_class=AtomicCheckpointTrainer, callbacks=[guard, ProgressCallback()],
                                **run_fields(s, layout, evaluates=prepared.eval is not None))
     trainer.keep_checkpoints = s.save_total_limit
     trainer.batch_record = resumed
+
+    metrics = {**_train_steps(trainer, guard, layout, prepared.stats), "data": prepared.stats,
+               "data_fingerprint": prepared.fingerprint, "batch": resumed}
+    _save_adapter(s, layout, state, trainer, tokenizer, prepared, path)
+    if state.is_main_process:
+        checkpoint.write_json(layout.metrics / "train.json", metrics)
+        plot_loss(trainer.state.log_history, layout.loss_plot)
+        log.info("adapter saved: %s", layout.adapter)
+    state.wait_for_everyone()
+    return metrics
+
+
+def _finished(layout: Layout, state) -> bool:
+    """Whether the adapter is finished; the main process first moves a damaged one aside, to be rebuilt from the
+    last checkpoint."""
+    if state.is_main_process:
+        checkpoint.intact(layout.adapter)
+    state.wait_for_everyone()
+    return checkpoint.is_complete(layout.adapter)
+
+
+def _as_this_layout_trains(s: Settings, processes: int) -> tuple[Settings, dict, dict]:
+    """The settings with this layout's accumulation (derived from GLOBAL_BATCH_SIZE where set), the batch layout,
+    and the run's identity with GRAD_ACCUM as set (the layout's own accumulation is checked by resume_batch)."""
+    batch = batch_layout(s, processes)
+    if s.global_batch_size is not None and s.grad_accum != 1:
+        log.warning("GRAD_ACCUM=%d is ignored: GLOBAL_BATCH_SIZE=%d gives %d accumulation steps on %d process(es)",
+                    s.grad_accum, s.global_batch_size, batch["grad_accum"], processes)
+    return dataclasses.replace(s, grad_accum=batch["grad_accum"]), batch, s.identity()
+
+
+def _claim(s: Settings, layout: Layout, state, batch: dict, identity: dict) -> dict | None:
+    """OUTPUT_DIR claimed for this run and its checkpoints tidied, by the main process; the batch record written
+    into each checkpoint (None on the other ranks)."""
+    resumed = None
+    if state.is_main_process:
+        resumed = checkpoint.resume_batch(layout.checkpoints, batch, strategy=s.strategy,
+                                          allow_change=s.allow_batch_change)  # before claim: a refusal changes nothing
+        checkpoint.claim(layout, identity, batch)
+        shutil.rmtree(layout.staging, ignore_errors=True)  # a save cut off by a kill
+        layout.checkpoints.mkdir(parents=True, exist_ok=True)
+        checkpoint.latest_intact_checkpoint(layout.checkpoints)  # before rotation, which keeps the newest
+        checkpoint.rotate(layout.checkpoints, s.save_total_limit)
+    state.wait_for_everyone()
+    return resumed
+
+
+def _train_steps(trainer: AtomicCheckpointTrainer, guard: GuardCallback, layout: Layout, stats: dict) -> dict:
+    """Train from the newest checkpoint, or from the start; the steps, loss, time and log. A stop signal ends it
+    with Preempted once its checkpoint is written."""
     resume = checkpoint.latest_checkpoint(layout.checkpoints)
     log.info("%s (rows: %d train, %d eval; %s)", f"resuming from {resume.name}" if resume else "starting",
-             prepared.stats["train_rows"], prepared.stats["eval_rows"], _params(trainer.model))
+             stats["train_rows"], stats["eval_rows"], _params(trainer.model))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.check_finite()  # the steps since the last log or save, before the adapter is saved
     if guard.stop_requested:
         raise Preempted(f"stopped by a signal at step {trainer.state.global_step}; checkpoint written")
+    return {"steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "train_seconds": round(time.time() - started, 1), "log_history": trainer.state.log_history}
 
-    metrics = {
-        "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "train_seconds": round(time.time() - started, 1),
-        "log_history": trainer.state.log_history,
-        "data": prepared.stats,
-        "data_fingerprint": prepared.fingerprint,
-        "batch": resumed,
-    }
+
+def _save_adapter(s: Settings, layout: Layout, state, trainer: AtomicCheckpointTrainer, tokenizer, prepared,
+                  path: str) -> None:
+    """The trained adapter, checked and sealed into OUTPUT_DIR/adapter with the tokenizer, the chat template and
+    job.json (the end-of-turn token, the base model as set and as resolved)."""
     staging = layout.root / ".adapter.staging"
     if state.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # a save cut off by a kill
@@ -106,12 +137,6 @@ def train(s: Settings) -> dict:
             checkpoint.write_json(staging / "job.json", {"end_of_turn_id": prepared.end_of_turn_id,
                                                          "base_model": s.base_model, "resolved_base": path})
             checkpoint.seal(staging, layout.adapter)
-    if state.is_main_process:
-        checkpoint.write_json(layout.metrics / "train.json", metrics)
-        plot_loss(trainer.state.log_history, layout.loss_plot)
-        log.info("adapter saved: %s", layout.adapter)
-    state.wait_for_everyone()
-    return metrics
 
 
 def patch_peft_for_fsdp1():

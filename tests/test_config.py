@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import job
-from job import config
+from job import config, names
 from job.cli import cli
 from job.errors import ConfigError
 
@@ -153,7 +153,7 @@ def test_misspelt_variables_are_found_and_the_rest_of_the_environment_is_not():
                "HOME": "/root", "HOSTNAME": "n1", "TERM": "xterm", "SHELL": "/bin/bash", "USER": "me", "LANG": "C",
                "PWD": "/", "TMPDIR": "/tmp", "SLURM_JOB_ID": "7", "NCCL_DEBUG": "INFO", "JOB_RUNTIME": "venv",
                "HF_HOME": "/h", "CUDA_VISIBLE_DEVICES": "0", "EPOCHS": "1", "NUM_TRAIN_EPOCHS_": "1"}
-    found = config.misspelt_variables(environ)
+    found = names.misspelt_variables(environ, config.known_names())
     assert found.keys() == {"BASE_MODLE", "BATCH_SIZE", "NUM_EPOCH", "LEARNINGRATE", "NUM_TRAIN_EPOCHS_"}, found
     assert found["BASE_MODLE"] == "did you mean BASE_MODEL?" and found["NUM_EPOCH"] == "did you mean EPOCHS?"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from job import config, errors, launch
+from job import config, errors, launch, stopping
 from job.errors import ConfigError
 from tests.jobtools import run_job, settings
 
@@ -278,7 +278,7 @@ def test_stop_signal_reaches_the_training_process_not_the_launcher(monkeypatch, 
 def test_a_stop_signal_a_library_swallows_still_stops_the_next_stage():
     """Between stages the handler raises where the main thread is; a library's `except Exception` there (the
     flaky CI run of 2026-12-07: `job run` exited 0 after SIGUSR1 while merging) must not lose the signal."""
-    with launch.stop_on_signals() as signals:
+    with stopping.stop_on_signals() as signals:
         signals.check()  # nothing received: no stop
         try:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -294,11 +294,11 @@ def test_once_job_run_ends_with_an_error_a_stop_signal_no_longer_kills_it(capfd)
     """Two Slurm nodes exit 75 at once; the first to exit makes srun SIGTERM the other, which is still on its way
     out: it died by the signal (143), and the requeue rule read a failure."""
     with pytest.raises(SystemExit):
-        with launch.stop_on_signals():
+        with stopping.stop_on_signals():
             raise SystemExit(errors.EXIT_PREEMPTED)
     os.kill(os.getpid(), signal.SIGTERM)  # would end the test run with the default handler back in place
     time.sleep(0.1)
-    assert signal.getsignal(signal.SIGTERM) is launch.exiting
+    assert signal.getsignal(signal.SIGTERM) is stopping.exiting
 
 
 def test_training_process_that_fails_before_training_reports_its_exit_code(monkeypatch, capfd):
@@ -395,7 +395,7 @@ def test_a_second_ctrl_c_kills_training_and_says_so(caplog):
                               "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "ready"
-    stop = launch._Stopper(child, launcher=False)
+    stop = stopping.Stopper(child, launcher=False)
     stop.request(signal.SIGINT, None)  # forwarded as SIGTERM, which this "training" ignores
     assert child.poll() is None
     stop.request(signal.SIGINT, None)
