@@ -81,6 +81,10 @@ class Layout:
         return self.root / "summary.json"
 
     @property
+    def stage(self) -> Path:  # what machine 0 is doing, for the machines that wait for it (job.stagefile)
+        return self.root / "stage.json"
+
+    @property
     def metrics(self) -> Path:  # per-stage results: train.json, evaluate.json, merge.json, push.json
         return self.root / "metrics"
 

@@ -22,7 +22,7 @@ from typing import NoReturn
 import click
 
 import job
-from job import checkpoint, config, errors, launch, names, stopping
+from job import checkpoint, config, errors, launch, names, stagefile, stopping
 from job.checkpoint import Layout
 
 log = logging.getLogger("job")
@@ -192,6 +192,8 @@ def run(s):
     where = launch.resolve(s)
     if not where.is_first_machine:  # the first machine checks, evaluates, merges and pushes; the others train
         _train_only(s, where)
+    if where.num_machines > 1:  # the others wait for machine 0's checks and tokenizing: tell them how it goes
+        os.environ[stagefile.FILE_VARIABLE] = str(Layout(s.output).stage)
     # machine 0's lock stands for every machine (they share OUTPUT_DIR); a stop signal while waiting for it exits 75
     with stopping.stop_on_signals() as signals, owner(s) as lock:
         _run_stages(s, where, lock, signals)
@@ -238,6 +240,7 @@ def _check_and_plan(s, where: launch.Topology, summary: Summary) -> None:
     """Preflight for the whole layout; its plan goes to the log and summary.json."""
     from job.preflight import preflight as check
 
+    stagefile.announce("checking the settings, model and data")
     plan = check(s, world_size=where.world_size)
     plan["launch"] = where.describe()
     log.info("plan: %s", json.dumps({k: v for k, v in plan.items() if k != "data"}, ensure_ascii=False))
@@ -250,6 +253,7 @@ def _train_unless_done(s, where: launch.Topology, lock: int | None, summary: Sum
     layout = Layout(s.output)
     if checkpoint.intact(layout.adapter):
         return
+    stagefile.announce("training")
     code = launch.run_training(s, where, lock)  # returns once every rank has finished
     if code == errors.EXIT_OUT_OF_MEMORY:  # the training process logged its CUDA report
         raise out_of_memory("training", s, f"see {layout.root / 'logs'}/job-rank*.log")

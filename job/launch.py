@@ -42,10 +42,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from job import errors, stopping
+from job import errors, stagefile, stopping
+from job.checkpoint import Layout
 from job.config import FIELDS, Settings, env_name
 from job.errors import ConfigError
 
@@ -54,6 +56,7 @@ log = logging.getLogger("job.launch")
 CONFIGS = Path(__file__).parent / "accelerate"  # accelerate (and DeepSpeed) configs, one per STRATEGY
 DEFAULT_PORT = 29500
 RENDEZVOUS_TIMEOUT = 1800  # s the other machines wait for machine 0 (it runs preflight and tokenizes first)
+FOLLOW_EVERY_S = 5.0  # how often a waiting machine looks at what machine 0 is doing
 SHUTDOWN_GRACE = 300  # s torchrun gives training processes to checkpoint after a stop signal before SIGKILL
 EXIT_DIR = "JOB_EXIT_DIR"  # where each training process leaves its exit code (set by run_training)
 LAYOUT = ("num_machines", "machine_rank", "main_address", "main_port", "num_processes")
@@ -474,9 +477,10 @@ def run_training(s: Settings, where: Topology | None = None, lock: int | None = 
     child = subprocess.Popen(cmd, env=child_env(s, where, exit_dir), start_new_session=True,
                              pass_fds=() if lock is None else (lock,),
                              preexec_fn=functools.partial(stopping.in_child, os.getpid(), launcher))
+    waiting = None if where.is_first_machine else _follow_machine_0(s)
     try:
         with stopping.forwarding(child, launcher) as stop:
-            code = stop.wait()
+            code = stop.wait(waiting)
     finally:
         ranks = read_exit_codes(exit_dir)
         shutil.rmtree(exit_dir, ignore_errors=True)
@@ -485,6 +489,21 @@ def run_training(s: Settings, where: Topology | None = None, lock: int | None = 
         log.error("training ended with exit code %d (launcher %d, processes %s%s)", result, code,
                   ranks or "none reported", f", after {signal.Signals(stop.signum).name}" if stop.signum else "")
     return result
+
+
+def _follow_machine_0(s: Settings):
+    """For a machine that waits at the rendezvous while machine 0 checks and tokenizes: log what machine 0 says
+    it is doing (job.stagefile), looked at every few seconds."""
+    follower = stagefile.Follower(Layout(s.output).stage)
+    last = [0.0]
+
+    def poll() -> None:
+        if time.monotonic() - last[0] >= FOLLOW_EVERY_S:
+            last[0] = time.monotonic()
+            if line := follower.poll():
+                log.info("%s", line)
+
+    return poll
 
 
 def outcome(code: int, ranks: dict[int, int], signum: int = 0) -> int:

@@ -108,13 +108,16 @@ class Stopper:
         self.signum = self.signum or forward
         self._send()
 
-    def wait(self) -> int:
-        """The child's exit code once it has exited; meanwhile a stop signal is sent again every RESEND_SECONDS."""
+    def wait(self, every_second=None) -> int:
+        """The child's exit code once it has exited; meanwhile a stop signal is sent again every RESEND_SECONDS,
+        and `every_second()` is called about once a second."""
         while True:
             try:
                 return self.child.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self.resend()
+                if every_second:
+                    every_second()
 
     def resend(self):
         if self.signum and not self.forced and time.monotonic() - self.sent_at > RESEND_SECONDS:

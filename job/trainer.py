@@ -97,7 +97,7 @@ def sft_config(s: Settings, levers: speed.Levers | None = None, **fields) -> SFT
     ours = {**job_fields(s), **(lever_fields(levers) if levers else {}), **fields}
     extra = trainer_args(s)
     clash = sorted(extra.keys() & ours.keys())
-    if clash:  # config.OWNED_ARGUMENTS refuses these in validation; this keeps the two in step
+    if clash:  # names.OWNED_ARGUMENTS refuses these in validation; this keeps the two in step
         raise ConfigError(f"TRAINER_ARGS: {', '.join(clash)} set by the job itself")
     return SFTConfig(**ours, **extra)
 

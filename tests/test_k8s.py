@@ -281,5 +281,8 @@ def test_multi_node_pods_train_together_as_processes(tmp_path):
     assert (output / "merged" / "COMPLETE").is_file()
     assert f"--nnodes {count} --node-rank 1" in logs[1] and f"--master-addr {fqdn[0]}" in logs[1]
     assert "machine 1 of 2: training only" in logs[1] and "merged model saved" not in logs[1]
+    # while it waited at the rendezvous, pod 1 said what machine 0 was doing
+    assert "waiting for machine 0 (" in logs[1], logs[1][-3000:]
+    assert json.loads((output / "stage.json").read_text())["stage"] == "training"
     assert "merged model saved" in logs[0]
     assert (output / "logs" / "job-rank1.log").is_file()

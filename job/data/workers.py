@@ -7,7 +7,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 
-from job import stage
+from job import stagefile
 from job.config import Settings
 from job.data.formats import to_messages
 from job.data.reading import Row
@@ -37,7 +37,7 @@ def render_and_tokenize(work: Work, rows: list[Row], stage_name: str = "tokenizi
     """(conversation, input ids, labels) of every good row in order, the bad rows skipped (when SKIP_BAD_ROWS), and
     the end-of-turn token. Runs on every CPU core this process may use, in forked workers: rendering a chat template
     and tokenizing is Python work per row, one core's worth in one process. A bad row stops it naming file:line
-    (the first in file order), as in one process. Progress goes to job.stage as `stage_name`."""
+    (the first in file order), as in one process. Progress goes to job.stagefile as `stage_name`."""
     global _work
     chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
     workers = min(len(os.sched_getaffinity(0)), len(chunks))
@@ -51,7 +51,7 @@ def render_and_tokenize(work: Work, rows: list[Row], stage_name: str = "tokenizi
     try:
         for result in chunks_done:
             results.append(result)
-            stage.progress(stage_name, min(len(results) * CHUNK_ROWS, len(rows)), len(rows))
+            stagefile.progress(stage_name, min(len(results) * CHUNK_ROWS, len(rows)), len(rows))
     finally:
         if _work is not None:
             pool.terminate()

@@ -1,6 +1,6 @@
 """A throw-away multi-node Slurm cluster on one machine, for tests.
 
-Layout (see /work/shared/CLUSTER.md for what was tried first):
+Layout:
 
 * a Linux bridge in the root network namespace, holding the controller address
   (``10.77.X.1/24``, X random per run);

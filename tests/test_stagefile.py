@@ -1,8 +1,8 @@
-"""Machine 0's stage, told to the machines that wait for it (job.stage)."""
+"""Machine 0's stage, told to the machines that wait for it (job.stagefile)."""
 
 import json
 
-from job import stage
+from job import stagefile as stage
 from job.data.workers import CHUNK_ROWS
 
 
