@@ -174,8 +174,11 @@ def test_missing_dataset_path_is_named(tmp_path, tiny_tokenizer):
 def test_tokenizer_template_without_special_end_is_refused(tmp_path, tiny_tokenizer):
     tiny_tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
     tiny_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(ConfigError, match="never learn to stop"):
+    with pytest.raises(ConfigError, match="never learn to stop") as refused:
         data.prepare(make(tmp_path, [DOLLY_KO] * 2, EVAL_FRACTION="0"), tiny_tokenizer, "llama")
+    # the setting that chose the template, and a fix that fits a model with a template of its own
+    assert str(refused.value).startswith("PROMPT_FORMAT=auto: ") and "End each answer with a special token" in str(
+        refused.value) and repr(tiny_tokenizer.eos_token) in str(refused.value)
 
 
 def test_a_template_that_trains_on_every_token_is_refused(tmp_path, tiny_tokenizer):

@@ -259,12 +259,14 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], li
     return input_ids, labels
 
 
-def end_of_turn_id(segments: list[tuple[str, bool]], tokenizer) -> int:
+def end_of_turn_id(segments: list[tuple[str, bool]], tokenizer, s: Settings) -> int:
     """The token that closes an answer; it must be a special token and it must be trained."""
     answer = [text for text, trained in segments if trained][-1].rstrip()
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     if not ids or ids[-1] not in special:
-        raise ConfigError(f"PROMPT_FORMAT: answers end in {answer[-20:]!r}, not a special end-of-turn token; the "
-                          "model would never learn to stop. Choose a named format (mistral, llama-3, chatml).")
+        raise ConfigError(f"{template_setting(s)}: answers end in {answer[-20:]!r}, not a special end-of-turn "
+                          "token, so the model would never learn to stop. End each answer with a special token "
+                          f"in the chat template (this tokenizer's EOS is {tokenizer.eos_token!r}), or, for a base "
+                          "model without a template, choose a named PROMPT_FORMAT (mistral, llama-3, chatml).")
     return ids[-1]

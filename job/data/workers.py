@@ -80,6 +80,6 @@ def _chunk(work: Work, rows: list[Row]) -> tuple[list[tuple], list[str], int | N
             skipped.append(str(error))
             continue
         if eot is None:
-            eot = end_of_turn_id(segments, tokenizer)
+            eot = end_of_turn_id(segments, tokenizer, s)
         done.append((chat, *tokenize(loss_targets(segments, s.loss_on), tokenizer)))
     return done, skipped, eot
