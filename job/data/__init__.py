@@ -18,7 +18,7 @@ Where each step lives, in the order the data goes through them:
 - templates.py: conversations to segments and tokens: the named prompt formats (PROMPT_FORMATS) and the chat
   template chosen (chat_template_for), rendering into prompt and answer segments (render: growing prefixes, else
   marked answers), LOSS_ON (loss_targets), tokenize, and the end-of-turn token (end_of_turn_id).
-- workers.py: rendering and tokenizing rows in forked workers on every CPU core (render_and_tokenize;
+- workers.py: rendering and tokenizing rows in worker processes on every CPU core (render_and_tokenize;
   PARALLEL_FROM_ROWS, CHUNK_ROWS).
 - mixing.py: one source prepared with its evaluation rows held out (prepare_source, Part), the sources mixed by
   their weights (mix, shares, draw) and what each gave (source_stats).

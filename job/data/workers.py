@@ -1,4 +1,4 @@
-"""Rows to tokens on every CPU core this process may use: forked workers render and tokenize chunks of rows, each
+"""Rows to tokens on every CPU core this process may use: worker processes render and tokenize chunks of rows, each
 row as DATA_FORMAT reads it and the chat template renders it, and send back the tokens in file order."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from job.errors import DataError
 
 @dataclass(frozen=True)
 class Work:
-    """What turns a row into tokens; forked workers inherit it (tokenizers and templates do not pickle cheaply)."""
+    """What turns a row into tokens; each worker gets it once, when it starts."""
 
     settings: Settings
     tokenizer: object
@@ -29,38 +29,42 @@ class Work:
 # Rows a worker takes at a time: enough that sending back the tokens costs little beside making them.
 CHUNK_ROWS = 256
 PARALLEL_FROM_ROWS = 2048  # below this, starting the workers costs more than it saves
-_work: Work | None = None  # the forked workers' copy
+_work: Work | None = None  # a worker's copy, sent once when it starts
 
 
 def render_and_tokenize(work: Work, rows: list[Row], stage_name: str = "tokenizing"
                         ) -> tuple[list[tuple], list[str], int | None]:
     """(conversation, input ids, labels) of every good row in order, the bad rows skipped (when SKIP_BAD_ROWS), and
-    the end-of-turn token. Runs on every CPU core this process may use, in forked workers: rendering a chat template
+    the end-of-turn token. Runs on every CPU core this process may use, in worker processes: rendering a chat template
     and tokenizing is Python work per row, one core's worth in one process. A bad row stops it naming file:line
     (the first in file order), as in one process. Progress goes to job.stagefile as `stage_name`."""
-    global _work
     chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
     workers = min(len(os.sched_getaffinity(0)), len(chunks))
-    results = []
+    results, pool = [], None
     if len(rows) < PARALLEL_FROM_ROWS or workers < 2:
         chunks_done = (_chunk(work, chunk) for chunk in chunks)
     else:
-        _work = work
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        # forkserver: workers start from a clean process, never a fork of this one, whose other threads (the
+        # tokenizer's pool, a download, a test's server) may hold a lock that a forked child would wait on forever
+        pool = multiprocessing.get_context("forkserver").Pool(workers, initializer=_adopt, initargs=(work,))
         chunks_done = pool.imap(_chunk_in_worker, chunks)
     try:
         for result in chunks_done:
             results.append(result)
             stagefile.progress(stage_name, min(len(results) * CHUNK_ROWS, len(rows)), len(rows))
     finally:
-        if _work is not None:
+        if pool is not None:
             pool.terminate()
             pool.join()
-            _work = None
     done = [item for chunk_done, _, _ in results for item in chunk_done]
     skipped = [text for _, chunk_skipped, _ in results for text in chunk_skipped]
     eot = next((e for _, _, e in results if e is not None), None)
     return done, skipped, eot
+
+
+def _adopt(work: Work) -> None:
+    global _work
+    _work = work
 
 
 def _chunk_in_worker(rows: list[Row]):
